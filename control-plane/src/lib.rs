@@ -1,0 +1,2 @@
+//! Sinew control plane.
+#![forbid(unsafe_code)]

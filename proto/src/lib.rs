@@ -1,0 +1,14 @@
+//! Sinew's wire contract, shared by the sidecar and the control plane:
+//!
+//! - [`v1`]: the gRPC services and messages generated from `proto/sinew/mesh/v1/*.proto`;
+//! - [`policy`]: the policy documents (`kind: Service`, ...), their defaults and validation.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod policy;
+
+/// Generated from `proto/sinew/mesh/v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("sinew.mesh.v1");
+}

@@ -1,0 +1,303 @@
+//! Policy documents: YAML, several per file, `kind` + `name` + `spec`, in the style users know
+//! from Kubernetes. Every field has a default (see [`ServiceSpec`]); an invalid document is
+//! refused with its field path and the reason ([`PolicyError`]).
+//!
+//! The control plane validates documents when they are applied; it sends each service's spec
+//! to sidecars as canonical JSON ([`ServiceSpec::to_json`]), and the sidecar decodes it again
+//! with the same strict rules ([`ServiceSpec::from_json`]), so a sidecar older than the control
+//! plane NACKs a field it does not know instead of silently ignoring it.
+
+use crate::duration;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// A refused document: which one, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{document}: {path}: {reason}")]
+pub struct PolicyError {
+    /// `document 2 (Service orders)`: the position in the stream, and its kind and name when known.
+    pub document: String,
+    /// A dotted field path, such as `spec.timeout` or `spec.allow[1]`.
+    pub path: String,
+    pub reason: String,
+}
+
+/// The kinds of document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// A mesh service's traffic and authorization policy.
+    Service,
+}
+
+impl Kind {
+    pub fn parse(text: &str) -> Result<Kind, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "service" | "services" => Ok(Kind::Service),
+            "subscription" | "subscriptions" => {
+                Err("kind Subscription is reserved for event subscriptions, which this version does not support yet".into())
+            }
+            other => Err(format!("unknown kind `{other}` (known: Service)")),
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Service => f.write_str("Service"),
+        }
+    }
+}
+
+/// One validated document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Document {
+    pub kind: Kind,
+    pub name: String,
+    pub spec: ServiceSpec,
+}
+
+impl Document {
+    /// The document as YAML, the way `sinewctl get` prints it.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_default()
+    }
+}
+
+/// `kind: Service`: how a service is called and who may call it. Every field is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSpec {
+    /// Overall time for one request to this service, from the caller's sidecar receiving it
+    /// to the response head arriving. Past it: 504 `sinew-error: timeout`. Default `15s`.
+    #[serde(with = "duration::serde_text")]
+    pub timeout: Duration,
+    /// Time to establish a QUIC connection to one instance's sidecar. Default `1s`.
+    #[serde(with = "duration::serde_text")]
+    pub connect_timeout: Duration,
+    /// Services allowed to call this one, by name (their certificate's SPIFFE identity is
+    /// checked by the inbound sidecar). Empty means every identity of the mesh. Default `[]`.
+    pub allow: Vec<String>,
+    /// The services this one calls. When set, its sidecars receive only these services
+    /// (scoping: a sidecar's memory does not grow with the mesh). Default: unset, every service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls: Option<Vec<String>>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(1),
+            allow: Vec::new(),
+            calls: None,
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// The canonical JSON the control plane sends to sidecars.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Decodes and validates what [`ServiceSpec::to_json`] wrote; `""` is every default.
+    pub fn from_json(json: &str) -> Result<ServiceSpec, PolicyError> {
+        let doc = "policy".to_string();
+        if json.is_empty() {
+            return Ok(ServiceSpec::default());
+        }
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let spec: ServiceSpec = serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
+            document: doc.clone(),
+            path: field_path("spec", &e.path().to_string()),
+            reason: e.inner().to_string(),
+        })?;
+        spec.validate().map_err(|(path, reason)| PolicyError {
+            document: doc,
+            path,
+            reason,
+        })?;
+        Ok(spec)
+    }
+
+    /// Checks what serde cannot: ranges and names. Returns the field path and the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let max = Duration::from_secs(3600);
+        if self.timeout.is_zero() || self.timeout > max {
+            return Err(("spec.timeout".into(), "must be between 1ms and 1h".into()));
+        }
+        if self.connect_timeout.is_zero() || self.connect_timeout > self.timeout {
+            return Err((
+                "spec.connect_timeout".into(),
+                "must be at least 1ms and at most spec.timeout".into(),
+            ));
+        }
+        check_names("spec.allow", &self.allow)?;
+        if let Some(calls) = &self.calls {
+            check_names("spec.calls", calls)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_names(path: &str, names: &[String]) -> Result<(), (String, String)> {
+    for (i, name) in names.iter().enumerate() {
+        validate_name(name).map_err(|reason| (format!("{path}[{i}]"), reason))?;
+        if names[..i].contains(name) {
+            return Err((format!("{path}[{i}]"), format!("`{name}` is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Service names are DNS labels: 1-63 of `a-z`, `0-9`, `-`, not starting or ending with `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name (1-63 characters of a-z, 0-9 and '-', not starting or ending with '-')"
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    spec: serde_yaml_ng::Value,
+}
+
+/// Parses and validates a YAML stream of documents. All of them are valid, or the first
+/// problem is returned; empty documents (a trailing `---`) are skipped. The same kind and
+/// name twice in one stream is refused.
+pub fn parse_documents(text: &str) -> Result<Vec<Document>, PolicyError> {
+    let mut documents: Vec<Document> = Vec::new();
+    for (index, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let position = format!("document {}", index + 1);
+        let value = serde_yaml_ng::Value::deserialize(de).map_err(|e| PolicyError {
+            document: position.clone(),
+            path: "(yaml)".into(),
+            reason: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let raw: RawDocument = serde_path_to_error::deserialize(value).map_err(|e| PolicyError {
+            document: position.clone(),
+            path: field_path("", &e.path().to_string()),
+            reason: e.inner().to_string(),
+        })?;
+        let here = |path: &str, reason: String| PolicyError {
+            document: format!("{position} ({} {})", raw.kind, raw.name),
+            path: path.to_string(),
+            reason,
+        };
+        let kind = Kind::parse(&raw.kind).map_err(|r| here("kind", r))?;
+        validate_name(&raw.name).map_err(|r| here("name", r))?;
+        let spec: ServiceSpec = if raw.spec.is_null() {
+            ServiceSpec::default()
+        } else {
+            serde_path_to_error::deserialize(raw.spec.clone()).map_err(|e| {
+                here(&field_path("spec", &e.path().to_string()), e.inner().to_string())
+            })?
+        };
+        spec.validate().map_err(|(path, reason)| here(&path, reason))?;
+        if documents.iter().any(|d| d.kind == kind && d.name == raw.name) {
+            return Err(here("name", format!("{kind} `{}` appears twice in this input", raw.name)));
+        }
+        documents.push(Document {
+            kind,
+            name: raw.name,
+            spec,
+        });
+    }
+    Ok(documents)
+}
+
+/// Joins a prefix and serde_path_to_error's path (`.` when at the root).
+fn field_path(prefix: &str, inner: &str) -> String {
+    match (prefix.is_empty(), inner == "." || inner.is_empty()) {
+        (true, true) => "(document)".into(),
+        (true, false) => inner.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{inner}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_spec_is_every_default() {
+        let docs = parse_documents("kind: Service\nname: orders\n").unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].spec, ServiceSpec::default());
+        assert_eq!(docs[0].spec.timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn several_documents_with_fields() {
+        let text = "kind: Service\nname: orders\nspec:\n  timeout: 2s\n  allow: [web]\n---\nkind: Service\nname: web\nspec: {calls: [orders]}\n---\n";
+        let docs = parse_documents(text).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].spec.timeout, Duration::from_secs(2));
+        assert_eq!(docs[0].spec.allow, vec!["web".to_string()]);
+        assert_eq!(docs[1].spec.calls, Some(vec!["orders".to_string()]));
+    }
+
+    #[test]
+    fn errors_name_the_document_and_field() {
+        let err = parse_documents("kind: Service\nname: orders\nspec:\n  timeout: 2 seconds\n").unwrap_err();
+        assert_eq!(err.path, "spec.timeout");
+        assert!(err.document.contains("Service orders"), "{err}");
+
+        let err = parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: b\nspec: {timout: 1s}\n").unwrap_err();
+        assert_eq!(err.document, "document 2 (Service b)");
+        assert!(err.reason.contains("unknown field `timout`"), "{err}");
+
+        let err = parse_documents("kind: Service\nname: a\nspec: {allow: [web, Bad_Name]}\n").unwrap_err();
+        assert_eq!(err.path, "spec.allow[1]");
+
+        let err = parse_documents("kind: Service\nname: a\nspec: {connect_timeout: 5s, timeout: 1s}\n").unwrap_err();
+        assert_eq!(err.path, "spec.connect_timeout");
+
+        let err = parse_documents("kind: Gateway\nname: a\n").unwrap_err();
+        assert_eq!(err.path, "kind");
+
+        let err = parse_documents("name: a\n").unwrap_err();
+        assert!(err.reason.contains("missing field `kind`"), "{err}");
+
+        let err = parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: a\n").unwrap_err();
+        assert!(err.reason.contains("twice"), "{err}");
+
+        assert!(parse_documents("kind: [\n").is_err());
+    }
+
+    #[test]
+    fn json_round_trip_and_strict_decode() {
+        let spec = ServiceSpec {
+            timeout: Duration::from_millis(1500),
+            allow: vec!["web".into()],
+            ..ServiceSpec::default()
+        };
+        assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
+        assert_eq!(ServiceSpec::from_json(""), Ok(ServiceSpec::default()));
+        let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedge":"on"}"#).unwrap_err();
+        assert!(err.reason.contains("unknown field `hedge`"), "{err}");
+        let err = ServiceSpec::from_json(r#"{"timeout":"0ms"}"#).unwrap_err();
+        assert_eq!(err.path, "spec.timeout");
+    }
+}

@@ -1,0 +1,2 @@
+//! Sinew sidecar.
+#![forbid(unsafe_code)]
