@@ -1,2 +1,211 @@
-//! Sinew sidecar.
+//! sinew-sidecar: the data plane beside one instance of a service.
+//!
+//! Start-up, in order: bind every listener (and print them, so scripts can find ports picked
+//! with `:0`); load the last good snapshot from disk; obtain a certificate (cache or control
+//! plane); accept inbound QUIC; serve outbound; connect to the control plane. Shutdown
+//! (SIGTERM, SIGINT or `POST /shutdown`): stop accepting, tell the control plane this
+//! instance no longer serves, let in-flight requests finish within `--drain-timeout`, exit 0.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod errors;
+pub mod http_server;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod snapshot;
+pub mod state;
+pub mod transport;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use config::Config;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use snapshot::Snapshot;
+use state::Shared;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use transport::quic::QuicTransport;
+use transport::tls;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("sinew_request_duration_seconds".into()),
+            admin::LATENCY_BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let node_id = node_id(&config)?;
+
+    let outbound_listener = tokio::net::TcpListener::bind(config.outbound)
+        .await
+        .with_context(|| format!("binding the outbound listener {}", config.outbound))?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin))?;
+    let udp = std::net::UdpSocket::bind(config.inbound)
+        .with_context(|| format!("binding the inbound QUIC socket {}", config.inbound))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let inbound_addr = endpoint.local_addr()?;
+    println!(
+        "listening outbound={} inbound={} admin={}",
+        outbound_listener.local_addr()?,
+        inbound_addr,
+        admin_listener.local_addr()?
+    );
+    std::io::stdout().flush()?;
+
+    let snapshot_path = config.data_dir.join("snapshot.pb");
+    let snapshot = match Snapshot::load(&snapshot_path) {
+        Ok(Some(s)) => {
+            tracing::info!(
+                version = s.version,
+                "serving the cached snapshot until the control plane answers"
+            );
+            s
+        }
+        Ok(None) => Snapshot::default(),
+        Err(e) => {
+            tracing::warn!("ignoring the cached snapshot: {e}");
+            Snapshot::default()
+        }
+    };
+    metrics::gauge!("sinew_config_version").set(snapshot.version as f64);
+    metrics::gauge!("sinew_control_connected").set(0.0);
+    let (shutdown, _) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        service: config.service.clone(),
+        node_id: node_id.clone(),
+        snapshot: ArcSwap::from_pointee(snapshot),
+        snapshot_path,
+        identity_ready: AtomicBool::new(false),
+        control_connected: AtomicBool::new(false),
+        shutdown,
+    });
+
+    let admin_shared = shared.clone();
+    tokio::spawn(http_server::serve(
+        admin_listener,
+        shared.shutdown.subscribe(),
+        move |req| admin::handle(req, admin_shared.clone(), prometheus.clone()),
+    ));
+    tokio::spawn(shutdown_on_signal(shared.clone()));
+
+    let mut shutdown_rx = shared.shutdown.subscribe();
+    let identity = tokio::select! {
+        id = identity::obtain(&config) => id?,
+        _ = state::shutdown_begun(&mut shutdown_rx) => return Ok(()),
+    };
+    endpoint.set_server_config(Some(tls::server_config(&identity)?));
+    let transport = Arc::new(QuicTransport::new(
+        endpoint.clone(),
+        tls::client_config(&identity)?,
+    ));
+    shared.identity_ready.store(true, Ordering::Relaxed);
+
+    let inbound = Arc::new(inbound::Inbound::new(
+        shared.clone(),
+        config.app_addr,
+        config.app_protocol,
+    ));
+    tokio::spawn(inbound.clone().serve(endpoint.clone()));
+    let outbound = Arc::new(outbound::Outbound::new(shared.clone(), transport));
+    let outbound_task = tokio::spawn(http_server::serve(
+        outbound_listener,
+        shared.shutdown.subscribe(),
+        move |req| {
+            let outbound = outbound.clone();
+            async move { outbound.handle(req).await }
+        },
+    ));
+    let registration = control::Registration {
+        node_id,
+        service: config.service.clone(),
+        instance_addr: advertised(config.advertise, inbound_addr).to_string(),
+        zone: config.zone.clone(),
+    };
+    let control_task = tokio::spawn(control::run(
+        shared.clone(),
+        config.control.clone(),
+        registration,
+    ));
+
+    state::shutdown_begun(&mut shutdown_rx).await;
+    let deadline = Instant::now() + config.drain_timeout;
+    tracing::info!("draining for at most {:?}", config.drain_timeout);
+    let _ = tokio::time::timeout(Duration::from_secs(2), control_task).await;
+    let _ = tokio::time::timeout_at(deadline.into(), outbound_task).await;
+    // Peers learn of the withdrawal within milliseconds; serve what they had already sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while inbound.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if inbound.in_flight() > 0 {
+        tracing::warn!(
+            "{} inbound requests still running at the drain deadline",
+            inbound.in_flight()
+        );
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_on_signal(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for signals");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shared.begin_shutdown();
+}
+
+/// Where peers reach this sidecar: `--advertise`, else the inbound address with an
+/// unspecified IP (0.0.0.0, ::) replaced by loopback.
+fn advertised(advertise: Option<SocketAddr>, inbound: SocketAddr) -> SocketAddr {
+    match advertise {
+        Some(addr) => addr,
+        None if inbound.ip().is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), inbound.port())
+        }
+        None => inbound,
+    }
+}
+
+/// `--node-id`, else the id kept in the data dir, else a new `<service>-<random>` kept there.
+fn node_id(config: &Config) -> anyhow::Result<String> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    let id = format!("{}-{:08x}", config.service, fastrand::u32(..));
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}

@@ -1,0 +1,123 @@
+//! The admin listener (127.0.0.1:4191): `/live`, `/ready`, `/metrics`, `/config`,
+//! `/endpoints`, and `POST /shutdown`. Also where request metrics are named, so every
+//! metric of the data path is listed in one place.
+
+use crate::state::Shared;
+use crate::transport::{Body, BoxError};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub async fn handle<B>(
+    request: Request<B>,
+    shared: Arc<Shared>,
+    prometheus: PrometheusHandle,
+) -> Response<Body> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            let version = shared.snapshot.load().version;
+            let identity = shared.identity_ready.load(Ordering::Relaxed);
+            match (version > 0, identity, shared.is_shutting_down()) {
+                (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+                (true, true, false) => text(StatusCode::OK, "ready\n"),
+                (has_config, _, _) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "not ready: configuration {}, certificate {}\n",
+                        if has_config { "applied" } else { "missing" },
+                        if identity { "issued" } else { "missing" }
+                    ),
+                ),
+            }
+        }
+        (&Method::GET, "/metrics") => text(StatusCode::OK, &prometheus.render()),
+        (&Method::GET, "/config") => {
+            let snapshot = shared.snapshot.load();
+            let mut json = snapshot.to_json();
+            if let Some(map) = json.as_object_mut() {
+                map.insert("service".into(), shared.service.clone().into());
+                map.insert("node_id".into(), shared.node_id.clone().into());
+                map.insert(
+                    "control_connected".into(),
+                    shared.control_connected.load(Ordering::Relaxed).into(),
+                );
+            }
+            json_response(&json)
+        }
+        (&Method::GET, "/endpoints") => {
+            let snapshot = shared.snapshot.load();
+            let map: serde_json::Map<String, serde_json::Value> = snapshot
+                .services
+                .iter()
+                .map(|(name, s)| {
+                    let addrs: Vec<String> = s
+                        .endpoints
+                        .iter()
+                        .map(|e| e.target.addr.to_string())
+                        .collect();
+                    (name.clone(), addrs.into())
+                })
+                .collect();
+            json_response(&serde_json::Value::Object(map))
+        }
+        (&Method::POST, "/shutdown") => {
+            shared.begin_shutdown();
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live /ready /metrics /config /endpoints, POST /shutdown\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(full(Bytes::from(body)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed()
+}
+
+/// Buckets of `sinew_request_duration_seconds`: 100 µs to 30 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// `sinew_requests_total{direction, peer, status_class}` and
+/// `sinew_request_duration_seconds{direction, peer}` (time to the response head).
+/// `peer` is the called service (outbound) or the caller's service (inbound).
+pub fn record_request(direction: &'static str, peer: &str, status: StatusCode, elapsed: Duration) {
+    let class = match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("sinew_requests_total", "direction" => direction, "peer" => peer.to_string(), "status_class" => class)
+        .increment(1);
+    metrics::histogram!("sinew_request_duration_seconds", "direction" => direction, "peer" => peer.to_string())
+        .record(elapsed.as_secs_f64());
+}

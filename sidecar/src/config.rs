@@ -1,0 +1,131 @@
+//! Bootstrap configuration: flags (each with an environment variable), validated once into
+//! [`Config`], then passed down. Nothing below re-reads the environment.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AppProtocol {
+    /// HTTP/1.1 to the app.
+    Http1,
+    /// HTTP/2 without TLS (gRPC servers).
+    H2c,
+}
+
+/// sinew-sidecar: the data plane beside one instance of a service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// The mesh service this instance belongs to.
+    #[arg(long, env = "SINEW_SERVICE")]
+    pub service: String,
+    /// The app's port on 127.0.0.1.
+    #[arg(long, env = "SINEW_APP_PORT", conflicts_with = "app_addr")]
+    pub app_port: Option<u16>,
+    /// The app's address, when it is not 127.0.0.1.
+    #[arg(long, env = "SINEW_APP_ADDR")]
+    pub app_addr: Option<SocketAddr>,
+    /// How to speak to the app.
+    #[arg(long, env = "SINEW_APP_PROTOCOL", value_enum, default_value = "http1")]
+    pub app_protocol: AppProtocol,
+    /// Control-plane gRPC address, host:port (repeatable, or comma-separated in the env).
+    #[arg(
+        long = "control",
+        env = "SINEW_CONTROL",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7700"
+    )]
+    pub control: Vec<String>,
+    /// The join token that proves this sidecar may join [default: ./.sinew/control/join-token].
+    #[arg(long, env = "SINEW_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// Outbound listener (app -> mesh), HTTP/1.1 and h2c. Port 0 picks a free port.
+    #[arg(long, env = "SINEW_OUTBOUND", default_value = "127.0.0.1:4140")]
+    pub outbound: SocketAddr,
+    /// Inbound listener (mesh -> app), QUIC with mutual TLS.
+    #[arg(long, env = "SINEW_INBOUND", default_value = "0.0.0.0:4143")]
+    pub inbound: SocketAddr,
+    /// Admin listener: /ready /live /metrics /config /endpoints /shutdown.
+    #[arg(long, env = "SINEW_ADMIN", default_value = "127.0.0.1:4191")]
+    pub admin: SocketAddr,
+    /// The address other sidecars reach this one at [default: the inbound address, with an
+    /// unspecified IP replaced by 127.0.0.1].
+    #[arg(long, env = "SINEW_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+    /// State: certificate, last good snapshot, node id [default: ./.sinew/sidecar-<service>].
+    #[arg(long, env = "SINEW_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This instance's id in the mesh [default: generated once, kept in the data dir].
+    #[arg(long, env = "SINEW_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Locality label reported to the control plane.
+    #[arg(long, env = "SINEW_ZONE", default_value = "")]
+    pub zone: String,
+    /// Worker threads [default: one per core].
+    #[arg(long, env = "SINEW_THREADS")]
+    pub threads: Option<usize>,
+    /// How long a shutdown waits for in-flight requests.
+    #[arg(long, env = "SINEW_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    sinew_proto::duration::parse(text)
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub service: String,
+    pub app_addr: SocketAddr,
+    pub app_protocol: AppProtocol,
+    pub control: Vec<String>,
+    pub join_token_file: PathBuf,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub node_id: Option<String>,
+    pub zone: String,
+    pub drain_timeout: Duration,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config, String> {
+        sinew_proto::policy::validate_name(&self.service).map_err(|e| format!("--service: {e}"))?;
+        let app_addr = match (self.app_addr, self.app_port) {
+            (Some(addr), _) => addr,
+            (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
+            (None, None) => return Err("--app-port or --app-addr is required".into()),
+        };
+        if self.control.iter().all(|c| c.trim().is_empty()) {
+            return Err("--control: at least one control-plane address is required".into());
+        }
+        Ok(Config {
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(format!(".sinew/sidecar-{}", self.service))),
+            service: self.service,
+            app_addr,
+            app_protocol: self.app_protocol,
+            control: self
+                .control
+                .into_iter()
+                .filter(|c| !c.trim().is_empty())
+                .collect(),
+            join_token_file: self
+                .join_token_file
+                .unwrap_or_else(|| PathBuf::from(".sinew/control/join-token")),
+            outbound: self.outbound,
+            inbound: self.inbound,
+            admin: self.admin,
+            advertise: self.advertise,
+            node_id: self.node_id,
+            zone: self.zone,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}

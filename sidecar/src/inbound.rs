@@ -1,0 +1,167 @@
+//! Mesh -> app. Accepts QUIC connections from peers holding a certificate of the mesh CA
+//! (rustls refuses everyone else during the handshake), reads the caller's SPIFFE id once
+//! per connection, and serves each stream top to bottom:
+//!
+//! 1. read the request head (a framing error resets the stream);
+//! 2. check it is for this service, and that the caller is allowed (`allow` policy);
+//! 3. replace any caller claim with the verified identity (`sinew-caller`);
+//! 4. forward to the app over a pooled hyper client;
+//! 5. stream the response back, and record metrics labelled with the caller.
+
+use crate::config::AppProtocol;
+use crate::errors::MeshError;
+use crate::outbound::CALLER_HEADER;
+use crate::state::Shared;
+use crate::transport::{Body, BoxError, frame, quic, tls};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Inbound {
+    shared: Arc<Shared>,
+    app_addr: SocketAddr,
+    app: Client<HttpConnector, Body>,
+    in_flight: AtomicUsize,
+}
+
+impl Inbound {
+    pub fn new(shared: Arc<Shared>, app_addr: SocketAddr, protocol: AppProtocol) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256);
+        if protocol == AppProtocol::H2c {
+            builder.http2_only(true);
+        }
+        Inbound {
+            shared,
+            app_addr,
+            app: builder.build(connector),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Requests being served right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Accepts connections until the endpoint is closed.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let inbound = self.clone();
+            tokio::spawn(async move { inbound.connection(incoming).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                metrics::counter!("sinew_inbound_handshake_failures_total").increment(1);
+                tracing::info!("refused QUIC connection from {remote}: {e}");
+                return;
+            }
+        };
+        let Some(caller) = tls::peer_spiffe_id(&conn) else {
+            conn.close(quinn::VarInt::from_u32(1), b"certificate has no spiffe id");
+            return;
+        };
+        tracing::debug!(%remote, %caller, "peer connected");
+        let caller: Arc<str> = caller.into();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let inbound = self.clone();
+            let caller = caller.clone();
+            tokio::spawn(async move { inbound.stream(send, recv, caller).await });
+        }
+    }
+
+    async fn stream(&self, mut send: quinn::SendStream, recv: quinn::RecvStream, caller: Arc<str>) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let caller_service = tls::service_of(&caller).unwrap_or("unknown").to_string();
+        match quic::read_request(recv).await {
+            Err(e) => {
+                tracing::debug!("bad request stream from {caller}: {e}");
+                let _ = send.reset(frame::PROTOCOL_ERROR);
+            }
+            Ok((authority, request)) => {
+                let response = match self.to_app(&caller, &authority, request).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        tracing::debug!("inbound from {caller}: {e}");
+                        e.into_response()
+                    }
+                };
+                crate::admin::record_request(
+                    "inbound",
+                    &caller_service,
+                    response.status(),
+                    started.elapsed(),
+                );
+                if let Err(e) = quic::write_response(&mut send, response).await {
+                    tracing::debug!("response to {caller} ended early: {e}");
+                }
+            }
+        }
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn to_app(
+        &self,
+        caller: &str,
+        authority: &str,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, MeshError> {
+        let me = &self.shared.service;
+        if authority != me {
+            return Err(MeshError::Misdirected {
+                served: me.clone(),
+                asked: authority.to_string(),
+            });
+        }
+        let caller_service = tls::service_of(caller).unwrap_or_default();
+        if let Some(service) = self.shared.snapshot.load().services.get(me) {
+            let allow = &service.policy.allow;
+            if !allow.is_empty() && !allow.iter().any(|s| s == caller_service) {
+                metrics::counter!("sinew_inbound_forbidden_total", "caller" => caller_service.to_string())
+                    .increment(1);
+                return Err(MeshError::Forbidden {
+                    caller: caller.to_string(),
+                    service: me.clone(),
+                });
+            }
+        }
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(self.app_addr.to_string())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| MeshError::BadRequest(e.to_string()))?;
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            parts.headers.insert(http::header::HOST, host);
+        }
+        parts.headers.remove(CALLER_HEADER);
+        if let Ok(value) = HeaderValue::from_str(caller) {
+            parts.headers.insert(CALLER_HEADER, value);
+        }
+        let response = self
+            .app
+            .request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| MeshError::AppUnreachable(format!("{}: {e}", self.app_addr)))?;
+        Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()))
+    }
+}

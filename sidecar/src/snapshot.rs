@@ -1,0 +1,308 @@
+//! The applied configuration: every service this sidecar may call, with its policy and its
+//! endpoints. Readers take it with one lock-free load (`ArcSwap`); an Update builds a new
+//! snapshot beside the old one and swaps it in whole, or is refused and changes nothing.
+
+use crate::transport::Target;
+use prost::Message;
+use sinew_proto::policy::{ServiceSpec, validate_name};
+use sinew_proto::v1::{ServiceResource, Update};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// 0 until the first Update (or the disk cache) is applied.
+    pub version: u64,
+    pub services: HashMap<String, Arc<Service>>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub policy: ServiceSpec,
+    pub endpoints: Vec<Endpoint>,
+    /// The resource as received, kept for the disk cache and `/config`.
+    resource: ServiceResource,
+    next: AtomicUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub node_id: String,
+    pub zone: String,
+    pub target: Target,
+}
+
+impl Service {
+    /// Round robin over the endpoints. (The P2C-EWMA balancer replaces this.)
+    pub fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.endpoints.get(i % self.endpoints.len())
+    }
+
+    fn from_resource(resource: ServiceResource) -> Result<Service, String> {
+        let name = resource.name.clone();
+        validate_name(&name).map_err(|e| format!("service name: {e}"))?;
+        let policy = ServiceSpec::from_json(&resource.policy_json)
+            .map_err(|e| format!("service {name}: {}: {}", e.path, e.reason))?;
+        let mut endpoints = Vec::with_capacity(resource.endpoints.len());
+        for (i, ep) in resource.endpoints.iter().enumerate() {
+            let addr: SocketAddr = ep.addr.parse().map_err(|_| {
+                format!(
+                    "service {name}: endpoints[{i}].addr: `{}` is not an ip:port",
+                    ep.addr
+                )
+            })?;
+            if !ep.identity.starts_with("spiffe://") {
+                return Err(format!(
+                    "service {name}: endpoints[{i}].identity: `{}` is not a spiffe:// id",
+                    ep.identity
+                ));
+            }
+            endpoints.push(Endpoint {
+                node_id: ep.node_id.clone(),
+                zone: ep.zone.clone(),
+                target: Target {
+                    addr,
+                    identity: ep.identity.clone(),
+                    connect_timeout: policy.connect_timeout,
+                },
+            });
+        }
+        Ok(Service {
+            name,
+            policy,
+            endpoints,
+            resource,
+            next: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Snapshot {
+    /// Builds the snapshot that `update` leads to, or says why it cannot be applied.
+    pub fn apply(&self, update: &Update) -> Result<Snapshot, String> {
+        if update.version == 0 {
+            return Err("version 0 is reserved for `nothing applied`".into());
+        }
+        let mut services = if update.full {
+            HashMap::new()
+        } else {
+            self.services.clone()
+        };
+        for name in &update.removed_services {
+            services.remove(name);
+        }
+        for resource in &update.services {
+            let service = Service::from_resource(resource.clone())?;
+            services.insert(service.name.clone(), Arc::new(service));
+        }
+        Ok(Snapshot {
+            version: update.version,
+            services,
+        })
+    }
+
+    /// The whole snapshot as a full Update, the form the disk cache keeps.
+    pub fn to_update(&self) -> Update {
+        let mut services: Vec<ServiceResource> =
+            self.services.values().map(|s| s.resource.clone()).collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Update {
+            version: self.version,
+            nonce: String::new(),
+            full: true,
+            services,
+            removed_services: Vec::new(),
+        }
+    }
+
+    /// Writes the snapshot to `path` atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.to_update().encode_to_vec())?;
+        std::fs::rename(tmp, path)
+    }
+
+    /// Reads a snapshot that [`Snapshot::save`] wrote. `Ok(None)` when there is none.
+    pub fn load(path: &Path) -> Result<Option<Snapshot>, String> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let update = Update::decode(bytes.as_slice())
+            .map_err(|e| format!("{}: not a snapshot: {e}", path.display()))?;
+        Snapshot::default().apply(&update).map(Some)
+    }
+
+    /// The snapshot as the admin endpoint `/config` shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut names: Vec<&String> = self.services.keys().collect();
+        names.sort();
+        let services: serde_json::Map<String, serde_json::Value> = names
+            .into_iter()
+            .filter_map(|name| self.services.get(name).map(|s| (name.clone(), s.to_json())))
+            .collect();
+        serde_json::json!({ "version": self.version, "services": services })
+    }
+}
+
+impl Service {
+    fn to_json(&self) -> serde_json::Value {
+        let endpoints: Vec<serde_json::Value> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "node_id": e.node_id,
+                    "addr": e.target.addr.to_string(),
+                    "identity": e.target.identity,
+                    "zone": e.zone,
+                })
+            })
+            .collect();
+        serde_json::json!({ "policy": self.policy, "endpoints": endpoints })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sinew_proto::v1::Endpoint as ProtoEndpoint;
+
+    fn resource(name: &str, addrs: &[&str]) -> ServiceResource {
+        ServiceResource {
+            name: name.into(),
+            policy_json: String::new(),
+            endpoints: addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| ProtoEndpoint {
+                    node_id: format!("{name}-{i}"),
+                    addr: addr.to_string(),
+                    identity: format!("spiffe://sinew.local/svc/{name}"),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn update(
+        version: u64,
+        full: bool,
+        services: Vec<ServiceResource>,
+        removed: &[&str],
+    ) -> Update {
+        Update {
+            version,
+            nonce: "n".into(),
+            full,
+            services,
+            removed_services: removed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn full_then_delta() {
+        let s1 = Snapshot::default()
+            .apply(&update(
+                1,
+                true,
+                vec![resource("orders", &["127.0.0.1:1"]), resource("web", &[])],
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(s1.services.len(), 2);
+        let s2 = s1
+            .apply(&update(
+                2,
+                false,
+                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
+                &["web"],
+            ))
+            .unwrap();
+        assert_eq!(s2.version, 2);
+        assert_eq!(s2.services["orders"].endpoints.len(), 2);
+        assert!(!s2.services.contains_key("web"));
+        let s3 = s2
+            .apply(&update(3, true, vec![resource("billing", &[])], &[]))
+            .unwrap();
+        assert_eq!(s3.services.keys().collect::<Vec<_>>(), ["billing"]);
+    }
+
+    #[test]
+    fn bad_updates_are_refused_with_the_reason() {
+        let base = Snapshot::default();
+        let err = base
+            .apply(&update(
+                1,
+                true,
+                vec![resource("orders", &["nowhere"])],
+                &[],
+            ))
+            .unwrap_err();
+        assert!(err.contains("endpoints[0].addr"), "{err}");
+        let mut bad_policy = resource("orders", &[]);
+        bad_policy.policy_json = r#"{"timeout":"1s","hedging":true}"#.into();
+        let err = base
+            .apply(&update(1, true, vec![bad_policy], &[]))
+            .unwrap_err();
+        assert!(err.contains("unknown field `hedging`"), "{err}");
+        assert!(base.apply(&update(0, true, vec![], &[])).is_err());
+        assert!(
+            base.apply(&update(1, true, vec![resource("Bad", &[])], &[]))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn round_robin_covers_every_endpoint() {
+        let s = Snapshot::default()
+            .apply(&update(
+                1,
+                true,
+                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
+                &[],
+            ))
+            .unwrap();
+        let orders = &s.services["orders"];
+        let picked: Vec<u16> = (0..4)
+            .map(|_| orders.pick().unwrap().target.addr.port())
+            .collect();
+        assert_eq!(picked, [1, 2, 1, 2]);
+        let empty = Snapshot::default()
+            .apply(&update(1, true, vec![resource("web", &[])], &[]))
+            .unwrap();
+        assert!(empty.services["web"].pick().is_none());
+    }
+
+    #[test]
+    fn save_and_load() {
+        let dir = std::env::temp_dir().join(format!("sinew-snapshot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("snapshot.pb");
+        assert!(Snapshot::load(&path).unwrap().is_none());
+        let s = Snapshot::default()
+            .apply(&update(
+                7,
+                true,
+                vec![resource("orders", &["127.0.0.1:1"])],
+                &[],
+            ))
+            .unwrap();
+        s.save(&path).unwrap();
+        let back = Snapshot::load(&path).unwrap().unwrap();
+        assert_eq!(back.version, 7);
+        assert_eq!(back.services["orders"].endpoints[0].target.addr.port(), 1);
+        std::fs::write(&path, b"\xff\xff garbage").unwrap();
+        assert!(Snapshot::load(&path).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,34 @@
+//! What the sidecar's tasks share: the snapshot, readiness flags and the shutdown signal.
+
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use tokio::sync::watch;
+
+pub struct Shared {
+    pub service: String,
+    pub node_id: String,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub snapshot_path: PathBuf,
+    /// Set once the certificate is in hand and the inbound accepts connections.
+    pub identity_ready: AtomicBool,
+    pub control_connected: AtomicBool,
+    /// `true` once shutdown has begun.
+    pub shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Resolves once shutdown has begun (or the sender is gone).
+pub async fn shutdown_begun(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
