@@ -1,1 +1,394 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the end-to-end tests: build and find the binaries, start real
+//! processes on loopback (killed with their process group when dropped, even when a test
+//! fails), and talk to them over real HTTP and gRPC.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The gRPC service the tests call through the mesh.
+pub mod echo {
+    #![allow(clippy::all)]
+    tonic::include_proto!("sinew.test.v1");
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// `target/debug` (or `target/release`) of the running test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// A workspace binary, built once per test run (the same profile as the tests).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "--workspace", "--bins"]).current_dir(workspace_root());
+        if profile_dir().ends_with("release") {
+            command.arg("--release");
+        }
+        let status = command.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// A scratch directory under target/, removed on success and kept (with its logs) when the
+/// test panics.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = profile_dir().join("e2e").join(format!(
+            "{test}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals the process group the child leads; it
+    // touches no memory of ours.
+    unsafe {
+        libc::kill(-(pid as i32), signal);
+    }
+}
+
+/// A child process in its own process group, killed (group and all) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+    child: Child,
+    /// `key=value` pairs of the first stdout line (`listening outbound=... admin=...`).
+    pub fields: HashMap<String, String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `command`, waits for its first stdout line, and keeps the rest in `<dir>/<name>.log`.
+    pub fn spawn(name: &str, mut command: Command, dir: &Path) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_copy = log.clone();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(log_copy).unwrap();
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(out, "stdout: {line}");
+            }
+        });
+        let mut proc = Proc {
+            name: name.to_string(),
+            pid,
+            child,
+            fields: HashMap::new(),
+            log,
+        };
+        let first = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => panic!("{name} printed nothing; log:\n{}", proc.log_text()),
+        };
+        proc.fields = first
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        proc
+    }
+
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.fields
+            .get(key)
+            .unwrap_or_else(|| panic!("{} reported no {key}: {:?}", self.name, self.fields))
+            .parse()
+            .unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        signal_group(self.pid, libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 20 s). Returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal_group(self.pid, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("{} ignored SIGTERM for 20 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident set size in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid, "VmRSS:")
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// A control plane plus the sidecars and apps of one test, all on ephemeral loopback ports.
+pub struct Mesh {
+    pub scratch: Scratch,
+    pub control: Option<Proc>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub lease_grace: &'static str,
+}
+
+impl Mesh {
+    pub fn start(test: &str) -> Mesh {
+        let scratch = Scratch::new(test);
+        let mut mesh = Mesh {
+            scratch,
+            control: None,
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            lease_grace: "1s",
+        };
+        mesh.start_control();
+        mesh
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.scratch.0
+    }
+
+    /// Starts (or restarts, on the same ports and data) the control plane.
+    pub fn start_control(&mut self) {
+        let mut command = Command::new(bin("sinew-control"));
+        command
+            .arg("--grpc")
+            .arg(self.grpc.to_string())
+            .arg("--http")
+            .arg(self.http.to_string())
+            .arg("--data-dir")
+            .arg(self.dir().join("control"))
+            .arg("--lease-grace")
+            .arg(self.lease_grace);
+        let control = Proc::spawn("control", command, self.dir());
+        self.grpc = control.addr("grpc");
+        self.http = control.addr("http");
+        self.control = Some(control);
+    }
+
+    pub fn control_mut(&mut self) -> &mut Proc {
+        self.control.as_mut().unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir().join("control/admin-token")).unwrap().trim().to_string()
+    }
+
+    /// `sinewctl <args>` against this mesh's control plane.
+    pub fn sinewctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("sinewctl"))
+            .arg("--control")
+            .arg(self.grpc.to_string())
+            .arg("--token-file")
+            .arg(self.dir().join("control/admin-token"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// An app (sinew-testapp) on an ephemeral port.
+    pub fn app(&self, instance: &str) -> Proc {
+        let mut command = Command::new(bin("sinew-testapp"));
+        command.env("PORT", "0").env("INSTANCE", instance);
+        Proc::spawn(&format!("app-{instance}"), command, self.dir())
+    }
+
+    /// A sidecar for `service` in front of `app_addr`, with its own data dir.
+    pub fn sidecar(&self, node: &str, service: &str, app_addr: SocketAddr, extra: &[&str]) -> Proc {
+        let mut command = Command::new(bin("sinew-sidecar"));
+        command
+            .args(["--service", service, "--node-id", node])
+            .arg("--app-addr")
+            .arg(app_addr.to_string())
+            .arg("--control")
+            .arg(self.grpc.to_string())
+            .arg("--join-token-file")
+            .arg(self.dir().join("control/join-token"))
+            .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(self.dir().join(format!("sidecar-{node}")))
+            .args(extra)
+            .env("RUST_LOG", "info,sinew_sidecar=debug");
+        Proc::spawn(&format!("sidecar-{node}"), command, self.dir())
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response, whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// `GET http://<addr><path>` with `Host: <host>`.
+pub async fn get(client: &HttpClient, addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<Answer> {
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(Full::new(Bytes::new()))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request)).await??;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// The sidecar's `/config` as JSON.
+pub async fn config(client: &HttpClient, admin: SocketAddr) -> serde_json::Value {
+    let answer = get(client, admin, "localhost", "/config").await.unwrap();
+    serde_json::from_slice(&answer.body).unwrap()
+}
+
+/// Endpoint addresses of `service` in the sidecar's `/config`.
+pub async fn endpoints(client: &HttpClient, admin: SocketAddr, service: &str) -> Vec<String> {
+    let config = config(client, admin).await;
+    config["services"][service]["endpoints"]
+        .as_array()
+        .map(|eps| eps.iter().filter_map(|e| e["addr"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+/// Polls `check` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the sidecar's `/ready` to answer 200.
+pub async fn wait_ready(client: &HttpClient, sidecar: &Proc) {
+    let admin = sidecar.addr("admin");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(answer) = get(client, admin, "localhost", "/ready").await {
+            if answer.status == 200 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not ready after 30 s; log:\n{}",
+            sidecar.name,
+            sidecar.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the sidecar knows `n` endpoints of `service`.
+pub async fn wait_endpoints(client: &HttpClient, sidecar: &Proc, service: &str, n: usize) {
+    let admin = sidecar.addr("admin");
+    let what = format!("{} to see {n} endpoints of {service}", sidecar.name);
+    wait_until(&what, Duration::from_secs(30), || async {
+        endpoints(client, admin, service).await.len() == n
+    })
+    .await;
+}

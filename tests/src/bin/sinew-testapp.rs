@@ -1,0 +1,126 @@
+//! The app behind a sidecar in the end-to-end tests. HTTP/1.1 and h2c on $PORT.
+//!
+//! - `/whoami`: the instance name ($INSTANCE).
+//! - `/echo`: streams the request body back; request headers come back as `echo-<name>`.
+//! - `/bytes?n=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
+//! - `/sink`: reads the body, answers with its length and SHA-256.
+//! - `/status/N`: answers status N.
+//! - `/slow?ms=N`: answers after N ms.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use sha2::Digest;
+use std::convert::Infallible;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into()).map_err(|never| match never {}).boxed()
+}
+
+fn query(request: &Request<Incoming>, key: &str) -> Option<u64> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        if k == key { v.parse().ok() } else { None }
+    })
+}
+
+async fn handle(request: Request<Incoming>, instance: String) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_string();
+    let response = match path.as_str() {
+        "/whoami" => Response::new(full(instance)),
+        "/echo" => {
+            let mut response = Response::builder();
+            for (name, value) in request.headers() {
+                if let Ok(name) = HeaderName::from_bytes(format!("echo-{name}").as_bytes()) {
+                    response = response.header(name, value.clone());
+                }
+            }
+            response
+                .body(request.into_body().boxed())
+                .unwrap_or_else(|_| Response::new(full("bad")))
+        }
+        "/bytes" => {
+            let n = query(&request, "n").unwrap_or(0);
+            let chunk = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+            let stream = futures_util::stream::unfold(n, move |left| {
+                let chunk = chunk.clone();
+                async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let take = left.min(chunk.len() as u64) as usize;
+                    Some((Ok::<_, hyper::Error>(Frame::data(chunk.slice(..take))), left - take as u64))
+                }
+            });
+            let mut response = Response::new(StreamBody::new(stream).boxed());
+            response.headers_mut().insert("content-length", HeaderValue::from(n));
+            response
+        }
+        "/sink" => {
+            let mut body = request.into_body();
+            let mut hasher = sha2::Sha256::new();
+            let mut length = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Ok(data) = frame.into_data() {
+                            length += data.len() as u64;
+                            hasher.update(&data);
+                        }
+                    }
+                    Err(e) => return Ok(Response::new(full(format!("body error: {e}")))),
+                }
+            }
+            let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            Response::new(full(format!("{length} {hex}")))
+        }
+        "/slow" => {
+            let ms = query(&request, "ms").unwrap_or(1000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            Response::new(full("slow"))
+        }
+        p if p.starts_with("/status/") => {
+            let code = p["/status/".len()..].parse::<u16>().unwrap_or(500);
+            let mut response = Response::new(full(format!("status {code}")));
+            *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            response
+        }
+        _ => {
+            let mut response = Response::new(full("not found"));
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+            response
+        }
+    };
+    let mut response = response;
+    if let Ok(value) = HeaderValue::from_str(&instance_header()) {
+        response.headers_mut().insert("x-instance", value);
+    }
+    Ok(response)
+}
+
+fn instance_header() -> String {
+    std::env::var("INSTANCE").unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let port: u16 = std::env::var("PORT")?.parse()?;
+    let instance = instance_header();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("listening http={}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let instance = instance.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(req, instance.clone()));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
