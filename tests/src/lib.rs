@@ -392,3 +392,36 @@ pub async fn wait_endpoints(client: &HttpClient, sidecar: &Proc, service: &str, 
     })
     .await;
 }
+
+/// A caller sidecar (`web`, no app behind it) and `n` instances of `orders` (sinew-testapp).
+pub struct Pair {
+    pub mesh: Mesh,
+    pub web: Proc,
+    pub orders: Vec<(Proc, Proc)>,
+    pub client: HttpClient,
+}
+
+pub async fn pair(test: &str, n: usize) -> Pair {
+    let mesh = Mesh::start(test);
+    let client = http_client();
+    let mut orders = Vec::new();
+    for i in 1..=n {
+        let app = mesh.app(&format!("orders-{i}"));
+        let sidecar = mesh.sidecar(&format!("orders-{i}"), "orders", app.addr("http"), &[]);
+        orders.push((app, sidecar));
+    }
+    // web's app port is never called in these tests.
+    let web = mesh.sidecar("web-1", "web", "127.0.0.1:9".parse().unwrap(), &[]);
+    wait_ready(&client, &web).await;
+    for (_, sidecar) in &orders {
+        wait_ready(&client, sidecar).await;
+    }
+    wait_endpoints(&client, &web, "orders", n).await;
+    Pair {
+        mesh,
+        web,
+        orders,
+        client,
+    }
+}
+

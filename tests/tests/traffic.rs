@@ -7,38 +7,6 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-/// A caller sidecar (`web`, no app behind it) and `n` instances of `orders`.
-struct Pair {
-    mesh: Mesh,
-    web: Proc,
-    orders: Vec<(Proc, Proc)>,
-    client: HttpClient,
-}
-
-async fn pair(test: &str, n: usize) -> Pair {
-    let mesh = Mesh::start(test);
-    let client = http_client();
-    let mut orders = Vec::new();
-    for i in 1..=n {
-        let app = mesh.app(&format!("orders-{i}"));
-        let sidecar = mesh.sidecar(&format!("orders-{i}"), "orders", app.addr("http"), &[]);
-        orders.push((app, sidecar));
-    }
-    // web's app port is never called in these tests.
-    let web = mesh.sidecar("web-1", "web", "127.0.0.1:9".parse().unwrap(), &[]);
-    wait_ready(&client, &web).await;
-    for (_, sidecar) in &orders {
-        wait_ready(&client, sidecar).await;
-    }
-    wait_endpoints(&client, &web, "orders", n).await;
-    Pair {
-        mesh,
-        web,
-        orders,
-        client,
-    }
-}
-
 fn curl(args: &[&str]) -> std::process::Output {
     Command::new("curl")
         .args(["-sS", "--max-time", "60"])
