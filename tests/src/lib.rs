@@ -215,13 +215,18 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn start(test: &str) -> Mesh {
+        Mesh::start_with(test, "1s")
+    }
+
+    /// A mesh whose control plane keeps a vanished instance for `lease_grace`.
+    pub fn start_with(test: &str, lease_grace: &'static str) -> Mesh {
         let scratch = Scratch::new(test);
         let mut mesh = Mesh {
             scratch,
             control: None,
             grpc: "127.0.0.1:0".parse().unwrap(),
             http: "127.0.0.1:0".parse().unwrap(),
-            lease_grace: "1s",
+            lease_grace,
         };
         mesh.start_control();
         mesh
@@ -276,15 +281,18 @@ impl Mesh {
         Proc::spawn(&format!("app-{instance}"), command, self.dir())
     }
 
-    /// A sidecar for `service` in front of `app_addr`, with its own data dir.
+    /// A sidecar for `service` in front of `app_addr`, with its own data dir. `extra` flags
+    /// are appended; a `--control` among them replaces this mesh's control plane.
     pub fn sidecar(&self, node: &str, service: &str, app_addr: SocketAddr, extra: &[&str]) -> Proc {
         let mut command = Command::new(bin("sinew-sidecar"));
         command
             .args(["--service", service, "--node-id", node])
             .arg("--app-addr")
-            .arg(app_addr.to_string())
-            .arg("--control")
-            .arg(self.grpc.to_string())
+            .arg(app_addr.to_string());
+        if !extra.contains(&"--control") {
+            command.arg("--control").arg(self.grpc.to_string());
+        }
+        command
             .arg("--join-token-file")
             .arg(self.dir().join("control/join-token"))
             .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
@@ -402,7 +410,11 @@ pub struct Pair {
 }
 
 pub async fn pair(test: &str, n: usize) -> Pair {
-    let mesh = Mesh::start(test);
+    pair_with(test, n, "1s").await
+}
+
+pub async fn pair_with(test: &str, n: usize, lease_grace: &'static str) -> Pair {
+    let mesh = Mesh::start_with(test, lease_grace);
     let client = http_client();
     let mut orders = Vec::new();
     for i in 1..=n {
