@@ -1,0 +1,77 @@
+//! The README's quick start: `sinewctl up examples/quickstart.yaml`, a request to web that
+//! crosses the mesh, and nothing left running after Ctrl-C.
+
+use sinew_e2e::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a pid we started; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
+    let scratch = Scratch::new("quickstart");
+    let file = workspace_root().join("examples/quickstart.yaml");
+    let mut up = Command::new(bin("sinewctl"));
+    up.arg("up").arg(&file).current_dir(&scratch.0).stdout(Stdio::piped()).stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut up, 0);
+    let mut up = up.spawn().unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            signal(self.0, libc::SIGTERM);
+        }
+    }
+    let _guard = KillOnDrop(up.id());
+
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(120)).expect("`mesh ready` within 120 s");
+        if line == "mesh ready" {
+            break;
+        }
+        lines.push(line);
+    }
+    let pids: Vec<u32> = lines
+        .iter()
+        .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("pid=")))
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    // control + 2 orders sidecars + 2 orders apps + web sidecar + web app
+    assert_eq!(pids.len(), 7, "{lines:#?}");
+    assert!(lines.iter().any(|l| l.starts_with("control control pid=")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.starts_with("sidecar web-1 pid=") && l.contains("outbound=127.0.0.1:4140")), "{lines:#?}");
+
+    let client = http_client();
+    let mut served_by = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let answer = get(&client, "127.0.0.1:8080".parse().unwrap(), "127.0.0.1:8080", "/").await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(answer.text().starts_with("web got from orders: "), "{}", answer.text());
+        let body = answer.text();
+        served_by.insert(body.split("served_by\":\"").nth(1).unwrap_or_default().split('"').next().unwrap_or_default().to_string());
+    }
+    assert_eq!(served_by.len(), 2, "both orders instances serve: {served_by:?}");
+
+    signal(up.id(), libc::SIGINT);
+    let status = up.wait().unwrap();
+    assert!(status.success(), "sinewctl up exited with {status:?}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.contains(&"mesh stopped".to_string()), "{rest:?}");
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} outlived `sinewctl up`");
+    }
+}
