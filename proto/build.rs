@@ -6,14 +6,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
         // The rpc is called `Connect`; the generated `connect` constructor would clash with it.
-        .build_transport(false).compile_with_config(
-        config,
-        &[
-            "sinew/mesh/v1/control.proto",
-            "sinew/mesh/v1/admin.proto",
-            "sinew/mesh/v1/transport.proto",
-        ],
-        &["."],
-    )?;
+        .build_transport(false)
+        .compile_with_config(
+            config,
+            &[
+                "sinew/mesh/v1/control.proto",
+                "sinew/mesh/v1/admin.proto",
+                "sinew/mesh/v1/transport.proto",
+            ],
+            &["."],
+        )?;
     Ok(())
 }

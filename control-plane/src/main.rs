@@ -1,1 +1,34 @@
-fn main() {}
+//! `sinew-control`: flags -> Config -> run.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use sinew_control::flags::Flags;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config = Flags::parse().into_config();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sinew-control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sinew_control::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sinew-control: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -194,11 +194,12 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, PolicyError> {
         if value.is_null() {
             continue;
         }
-        let raw: RawDocument = serde_path_to_error::deserialize(value).map_err(|e| PolicyError {
-            document: position.clone(),
-            path: field_path("", &e.path().to_string()),
-            reason: e.inner().to_string(),
-        })?;
+        let raw: RawDocument =
+            serde_path_to_error::deserialize(value).map_err(|e| PolicyError {
+                document: position.clone(),
+                path: field_path("", &e.path().to_string()),
+                reason: e.inner().to_string(),
+            })?;
         let here = |path: &str, reason: String| PolicyError {
             document: format!("{position} ({} {})", raw.kind, raw.name),
             path: path.to_string(),
@@ -210,12 +211,22 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, PolicyError> {
             ServiceSpec::default()
         } else {
             serde_path_to_error::deserialize(raw.spec.clone()).map_err(|e| {
-                here(&field_path("spec", &e.path().to_string()), e.inner().to_string())
+                here(
+                    &field_path("spec", &e.path().to_string()),
+                    e.inner().to_string(),
+                )
             })?
         };
-        spec.validate().map_err(|(path, reason)| here(&path, reason))?;
-        if documents.iter().any(|d| d.kind == kind && d.name == raw.name) {
-            return Err(here("name", format!("{kind} `{}` appears twice in this input", raw.name)));
+        spec.validate()
+            .map_err(|(path, reason)| here(&path, reason))?;
+        if documents
+            .iter()
+            .any(|d| d.kind == kind && d.name == raw.name)
+        {
+            return Err(here(
+                "name",
+                format!("{kind} `{}` appears twice in this input", raw.name),
+            ));
         }
         documents.push(Document {
             kind,
@@ -260,18 +271,25 @@ mod tests {
 
     #[test]
     fn errors_name_the_document_and_field() {
-        let err = parse_documents("kind: Service\nname: orders\nspec:\n  timeout: 2 seconds\n").unwrap_err();
+        let err = parse_documents("kind: Service\nname: orders\nspec:\n  timeout: 2 seconds\n")
+            .unwrap_err();
         assert_eq!(err.path, "spec.timeout");
         assert!(err.document.contains("Service orders"), "{err}");
 
-        let err = parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: b\nspec: {timout: 1s}\n").unwrap_err();
+        let err = parse_documents(
+            "kind: Service\nname: a\n---\nkind: Service\nname: b\nspec: {timout: 1s}\n",
+        )
+        .unwrap_err();
         assert_eq!(err.document, "document 2 (Service b)");
         assert!(err.reason.contains("unknown field `timout`"), "{err}");
 
-        let err = parse_documents("kind: Service\nname: a\nspec: {allow: [web, Bad_Name]}\n").unwrap_err();
+        let err = parse_documents("kind: Service\nname: a\nspec: {allow: [web, Bad_Name]}\n")
+            .unwrap_err();
         assert_eq!(err.path, "spec.allow[1]");
 
-        let err = parse_documents("kind: Service\nname: a\nspec: {connect_timeout: 5s, timeout: 1s}\n").unwrap_err();
+        let err =
+            parse_documents("kind: Service\nname: a\nspec: {connect_timeout: 5s, timeout: 1s}\n")
+                .unwrap_err();
         assert_eq!(err.path, "spec.connect_timeout");
 
         let err = parse_documents("kind: Gateway\nname: a\n").unwrap_err();
@@ -280,7 +298,8 @@ mod tests {
         let err = parse_documents("name: a\n").unwrap_err();
         assert!(err.reason.contains("missing field `kind`"), "{err}");
 
-        let err = parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: a\n").unwrap_err();
+        let err =
+            parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: a\n").unwrap_err();
         assert!(err.reason.contains("twice"), "{err}");
 
         assert!(parse_documents("kind: [\n").is_err());

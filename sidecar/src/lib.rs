@@ -200,10 +200,10 @@ fn node_id(config: &Config) -> anyhow::Result<String> {
         return Ok(id.clone());
     }
     let path = config.data_dir.join("node-id");
-    if let Ok(id) = std::fs::read_to_string(&path) {
-        if !id.trim().is_empty() {
-            return Ok(id.trim().to_string());
-        }
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
     }
     let id = format!("{}-{:08x}", config.service, fastrand::u32(..));
     std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;

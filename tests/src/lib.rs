@@ -23,13 +23,22 @@ pub mod echo {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
-/// `target/debug` (or `target/release`) of the running test binary.
+/// `target/debug` (or `target/release`) of the running test or bench binary.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    }
+    .to_path_buf()
 }
 
 /// A workspace binary, built once per test run (the same profile as the tests).
@@ -38,7 +47,9 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "--workspace", "--bins"]).current_dir(workspace_root());
+        command
+            .args(["build", "--workspace", "--bins"])
+            .current_dir(workspace_root());
         if profile_dir().ends_with("release") {
             command.arg("--release");
         }
@@ -102,13 +113,19 @@ impl Proc {
     pub fn spawn(name: &str, mut command: Command, dir: &Path) -> Proc {
         use std::os::unix::process::CommandExt;
         let log = dir.join(format!("{name}.log"));
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         command
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let pid = child.id();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -118,7 +135,11 @@ impl Proc {
             if let Some(Ok(first)) = lines.next() {
                 let _ = tx.send(first);
             }
-            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(log_copy).unwrap();
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_copy)
+                .unwrap();
             for line in lines.map_while(Result::ok) {
                 let _ = writeln!(out, "stdout: {line}");
             }
@@ -259,7 +280,10 @@ impl Mesh {
     }
 
     pub fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.dir().join("control/admin-token")).unwrap().trim().to_string()
+        std::fs::read_to_string(self.dir().join("control/admin-token"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// `sinewctl <args>` against this mesh's control plane.
@@ -295,7 +319,14 @@ impl Mesh {
         command
             .arg("--join-token-file")
             .arg(self.dir().join("control/join-token"))
-            .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args([
+                "--outbound",
+                "127.0.0.1:0",
+                "--inbound",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(self.dir().join(format!("sidecar-{node}")))
             .args(extra)
@@ -329,7 +360,12 @@ impl Answer {
 }
 
 /// `GET http://<addr><path>` with `Host: <host>`.
-pub async fn get(client: &HttpClient, addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<Answer> {
+pub async fn get(
+    client: &HttpClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<Answer> {
     let request = http::Request::get(format!("http://{addr}{path}"))
         .header("host", host)
         .body(Full::new(Bytes::new()))?;
@@ -354,7 +390,11 @@ pub async fn endpoints(client: &HttpClient, admin: SocketAddr, service: &str) ->
     let config = config(client, admin).await;
     config["services"][service]["endpoints"]
         .as_array()
-        .map(|eps| eps.iter().filter_map(|e| e["addr"].as_str().map(String::from)).collect())
+        .map(|eps| {
+            eps.iter()
+                .filter_map(|e| e["addr"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -366,7 +406,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -376,10 +419,10 @@ pub async fn wait_ready(client: &HttpClient, sidecar: &Proc) {
     let admin = sidecar.addr("admin");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(answer) = get(client, admin, "localhost", "/ready").await {
-            if answer.status == 200 {
-                return;
-            }
+        if let Ok(answer) = get(client, admin, "localhost", "/ready").await
+            && answer.status == 200
+        {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -436,4 +479,3 @@ pub async fn pair_with(test: &str, n: usize, lease_grace: &'static str) -> Pair 
         client,
     }
 }
-

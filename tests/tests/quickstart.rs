@@ -1,6 +1,8 @@
 //! The README's quick start: `sinewctl up examples/quickstart.yaml`, a request to web that
 //! crosses the mesh, and nothing left running after Ctrl-C.
 
+#![allow(clippy::unwrap_used)]
+
 use sinew_e2e::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -19,7 +21,11 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
     let scratch = Scratch::new("quickstart");
     let file = workspace_root().join("examples/quickstart.yaml");
     let mut up = Command::new(bin("sinewctl"));
-    up.arg("up").arg(&file).current_dir(&scratch.0).stdout(Stdio::piped()).stderr(Stdio::null());
+    up.arg("up")
+        .arg(&file)
+        .current_dir(&scratch.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     std::os::unix::process::CommandExt::process_group(&mut up, 0);
     let mut up = up.spawn().unwrap();
     let stdout = up.stdout.take().unwrap();
@@ -39,7 +45,9 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
 
     let mut lines = Vec::new();
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("`mesh ready` within 120 s");
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("`mesh ready` within 120 s");
         if line == "mesh ready" {
             break;
         }
@@ -52,19 +60,50 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
         .collect();
     // control + 2 orders sidecars + 2 orders apps + web sidecar + web app
     assert_eq!(pids.len(), 7, "{lines:#?}");
-    assert!(lines.iter().any(|l| l.starts_with("control control pid=")), "{lines:#?}");
-    assert!(lines.iter().any(|l| l.starts_with("sidecar web-1 pid=") && l.contains("outbound=127.0.0.1:4140")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("control control pid=")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("sidecar web-1 pid=") && l.contains("outbound=127.0.0.1:4140")),
+        "{lines:#?}"
+    );
 
     let client = http_client();
     let mut served_by = std::collections::HashSet::new();
     for _ in 0..6 {
-        let answer = get(&client, "127.0.0.1:8080".parse().unwrap(), "127.0.0.1:8080", "/").await.unwrap();
+        let answer = get(
+            &client,
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:8080",
+            "/",
+        )
+        .await
+        .unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text());
-        assert!(answer.text().starts_with("web got from orders: "), "{}", answer.text());
+        assert!(
+            answer.text().starts_with("web got from orders: "),
+            "{}",
+            answer.text()
+        );
         let body = answer.text();
-        served_by.insert(body.split("served_by\":\"").nth(1).unwrap_or_default().split('"').next().unwrap_or_default().to_string());
+        served_by.insert(
+            body.split("served_by\":\"")
+                .nth(1)
+                .unwrap_or_default()
+                .split('"')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
     }
-    assert_eq!(served_by.len(), 2, "both orders instances serve: {served_by:?}");
+    assert_eq!(
+        served_by.len(),
+        2,
+        "both orders instances serve: {served_by:?}"
+    );
 
     signal(up.id(), libc::SIGINT);
     let status = up.wait().unwrap();
@@ -72,6 +111,9 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.contains(&"mesh stopped".to_string()), "{rest:?}");
     for pid in pids {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} outlived `sinewctl up`");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} outlived `sinewctl up`"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! The inbound accepts only peers holding a certificate of the mesh CA.
 
+#![allow(clippy::unwrap_used)]
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -22,24 +24,41 @@ impl ServerCertVerifier for AnyServer {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// Connects to `addr`, sends a request head, and returns what happened.
-async fn try_request(addr: std::net::SocketAddr, client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>) -> Result<Vec<u8>, String> {
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer));
+async fn try_request(
+    addr: std::net::SocketAddr,
+    client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Result<Vec<u8>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer));
     let mut tls = match client_cert {
         Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
         None => builder.with_no_client_auth(),
@@ -49,10 +68,19 @@ async fn try_request(addr: std::net::SocketAddr, client_cert: Option<(Certificat
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let attempt = async {
-        let conn = endpoint.connect(addr, "sinew.mesh").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        let conn = endpoint
+            .connect(addr, "sinew.mesh")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         // A HEAD frame for GET /whoami on `orders`.
-        let head = sinew_proto::v1::RequestHead { method: "GET".into(), authority: "orders".into(), path: "/whoami".into(), headers: vec![] };
+        let head = sinew_proto::v1::RequestHead {
+            method: "GET".into(),
+            authority: "orders".into(),
+            path: "/whoami".into(),
+            headers: vec![],
+        };
         let payload = prost::Message::encode_to_vec(&head);
         let mut frame = vec![1u8];
         frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -61,7 +89,9 @@ async fn try_request(addr: std::net::SocketAddr, client_cert: Option<(Certificat
         send.finish().map_err(|e| e.to_string())?;
         recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
     };
-    let result = tokio::time::timeout(Duration::from_secs(10), attempt).await.map_err(|_| "timed out".to_string())?;
+    let result = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "timed out".to_string())?;
     endpoint.close(0u32.into(), b"");
     result
 }
@@ -73,24 +103,48 @@ async fn inbound_refuses_peers_without_a_mesh_certificate() {
 
     let self_signed = rcgen::generate_simple_self_signed(vec!["evil.example".to_string()]).unwrap();
     let cert = self_signed.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self_signed.signing_key.serialize_der()));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        self_signed.signing_key.serialize_der(),
+    ));
     let refused = try_request(inbound, Some((cert, key))).await;
-    assert!(refused.is_err(), "a self-signed client got an answer: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a self-signed client got an answer: {refused:?}"
+    );
     let err = refused.unwrap_err();
-    assert!(err.contains("certificate") || err.contains("closed") || err.contains("alert"), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("closed") || err.contains("alert"),
+        "{err}"
+    );
 
     let refused = try_request(inbound, None).await;
-    assert!(refused.is_err(), "a client without a certificate got an answer: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got an answer: {refused:?}"
+    );
 
     // The same request from a real sidecar works, and the refusals were counted.
-    let answer = get(&p.client, p.web.addr("outbound"), "orders", "/whoami").await.unwrap();
+    let answer = get(&p.client, p.web.addr("outbound"), "orders", "/whoami")
+        .await
+        .unwrap();
     assert_eq!(answer.status, 200);
-    let metrics = get(&p.client, p.orders[0].1.addr("admin"), "localhost", "/metrics").await.unwrap().text();
+    let metrics = get(
+        &p.client,
+        p.orders[0].1.addr("admin"),
+        "localhost",
+        "/metrics",
+    )
+    .await
+    .unwrap()
+    .text();
     let failures: f64 = metrics
         .lines()
         .find(|l| l.starts_with("sinew_inbound_handshake_failures_total"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    assert!(failures >= 2.0, "handshake failures counted: {failures}\n{metrics}");
+    assert!(
+        failures >= 2.0,
+        "handshake failures counted: {failures}\n{metrics}"
+    );
 }

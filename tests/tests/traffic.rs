@@ -1,5 +1,7 @@
 //! Traffic through two sidecars: curl and hyper -> sidecar -> QUIC mTLS -> sidecar -> app.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use sinew_e2e::*;
@@ -19,7 +21,9 @@ fn curl(args: &[&str]) -> std::process::Output {
 async fn curl_round_trip_status_headers_and_32_mib_body() {
     let p = pair("round-trip", 1).await;
     let outbound = p.web.addr("outbound");
-    let body: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let body: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let file = p.mesh.dir().join("body.bin");
     std::fs::write(&file, &body).unwrap();
     let out_file = p.mesh.dir().join("echoed.bin");
@@ -27,31 +31,56 @@ async fn curl_round_trip_status_headers_and_32_mib_body() {
 
     // Origin form, routed by Host; the app echoes headers as `echo-*` and the body back.
     let output = curl(&[
-        "-H", "Host: orders:8080",
-        "-H", "x-custom: hello mesh",
-        "-H", "sinew-caller: spiffe://sinew.local/svc/admin",
-        "-H", "Connection: x-private",
-        "-H", "x-private: must-not-cross",
-        "--data-binary", &format!("@{}", file.display()),
-        "-o", out_file.to_str().unwrap(),
-        "-D", headers_file.to_str().unwrap(),
-        "-w", "%{http_code}",
+        "-H",
+        "Host: orders:8080",
+        "-H",
+        "x-custom: hello mesh",
+        "-H",
+        "sinew-caller: spiffe://sinew.local/svc/admin",
+        "-H",
+        "Connection: x-private",
+        "-H",
+        "x-private: must-not-cross",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "-o",
+        out_file.to_str().unwrap(),
+        "-D",
+        headers_file.to_str().unwrap(),
+        "-w",
+        "%{http_code}",
         &format!("http://{outbound}/echo"),
     ]);
     assert_eq!(String::from_utf8_lossy(&output.stdout), "200", "{output:?}");
     let echoed = std::fs::read(&out_file).unwrap();
     assert_eq!(echoed.len(), body.len());
     assert!(echoed == body, "the 32 MiB body changed on the way");
-    let headers = std::fs::read_to_string(&headers_file).unwrap().to_ascii_lowercase();
+    let headers = std::fs::read_to_string(&headers_file)
+        .unwrap()
+        .to_ascii_lowercase();
     assert!(headers.contains("echo-x-custom: hello mesh"), "{headers}");
     assert!(headers.contains("echo-host: orders"), "{headers}");
-    assert!(!headers.contains("x-private"), "hop-by-hop header crossed: {headers}");
+    assert!(
+        !headers.contains("x-private"),
+        "hop-by-hop header crossed: {headers}"
+    );
     // The app's claim of an identity is replaced by the verified one.
-    assert!(headers.contains("echo-sinew-caller: spiffe://sinew.local/svc/web"), "{headers}");
+    assert!(
+        headers.contains("echo-sinew-caller: spiffe://sinew.local/svc/web"),
+        "{headers}"
+    );
     assert!(!headers.contains("svc/admin"), "{headers}");
 
     // Absolute form, as an HTTP proxy; a status that is not 200 comes through unchanged.
-    let output = curl(&["-x", &format!("http://{outbound}"), "-o", "/dev/null", "-w", "%{http_code}", "http://orders/status/418"]);
+    let output = curl(&[
+        "-x",
+        &format!("http://{outbound}"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://orders/status/418",
+    ]);
     assert_eq!(String::from_utf8_lossy(&output.stdout), "418");
 }
 
@@ -70,7 +99,17 @@ async fn streams_256_mib_each_way_with_bounded_memory() {
 
     // Download: curl reads 256 MiB that the app streams.
     let mut child = Command::new("curl")
-        .args(["-sS", "--max-time", "120", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H", "Host: orders"])
+        .args([
+            "-sS",
+            "--max-time",
+            "120",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "-H",
+            "Host: orders",
+        ])
         .arg(format!("http://{outbound}/bytes?n={size}"))
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -81,11 +120,17 @@ async fn streams_256_mib_each_way_with_bounded_memory() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let output = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("200 {size}"));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("200 {size}")
+    );
 
     // Upload: a streaming body of 256 MiB, which the app hashes.
     let chunk = Bytes::from(vec![7u8; 1 << 20]);
-    let stream = futures_util::stream::iter((0..256).map(move |_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))));
+    let stream =
+        futures_util::stream::iter((0..256).map(move |_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))
+        }));
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<StreamBody<_>>();
     let request = http::Request::post(format!("http://{outbound}/sink"))
@@ -95,7 +140,10 @@ async fn streams_256_mib_each_way_with_bounded_memory() {
     let upload = tokio::spawn(async move {
         let response = client.request(request).await.unwrap();
         let status = response.status();
-        (status, response.into_body().collect().await.unwrap().to_bytes())
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
     });
     while !upload.is_finished() {
         sample(&mut peak);
@@ -105,10 +153,18 @@ async fn streams_256_mib_each_way_with_bounded_memory() {
     assert_eq!(status, 200);
     let answer = String::from_utf8_lossy(&answer).to_string();
     assert!(answer.starts_with(&format!("{size} ")), "{answer}");
-    eprintln!("peak RSS: web sidecar {} KiB, orders sidecar {} KiB (app {} KiB)", peak[0], peak[1], app.rss_kib());
+    eprintln!(
+        "peak RSS: web sidecar {} KiB, orders sidecar {} KiB (app {} KiB)",
+        peak[0],
+        peak[1],
+        app.rss_kib()
+    );
     for (i, kib) in peak.iter().enumerate() {
         assert!(*kib > 0, "no RSS sample for sidecar {i}");
-        assert!(*kib < 64 * 1024, "sidecar {i} peaked at {kib} KiB while streaming");
+        assert!(
+            *kib < 64 * 1024,
+            "sidecar {i} peaked at {kib} KiB while streaming"
+        );
     }
 }
 
@@ -122,18 +178,36 @@ async fn both_instances_receive_requests() {
         assert_eq!(answer.status, 200, "{}", answer.text());
         seen.insert(answer.text());
     }
-    assert_eq!(seen, HashSet::from(["orders-1".to_string(), "orders-2".to_string()]));
+    assert_eq!(
+        seen,
+        HashSet::from(["orders-1".to_string(), "orders-2".to_string()])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_gets_a_clear_error() {
     let p = pair("unknown-service", 1).await;
-    let answer = get(&p.client, p.web.addr("outbound"), "nosuch", "/").await.unwrap();
+    let answer = get(&p.client, p.web.addr("outbound"), "nosuch", "/")
+        .await
+        .unwrap();
     assert_eq!(answer.status, 404);
     assert_eq!(answer.header("sinew-error"), Some("unknown-service"));
-    assert!(answer.text().contains("unknown service `nosuch`"), "{}", answer.text());
+    assert!(
+        answer.text().contains("unknown service `nosuch`"),
+        "{}",
+        answer.text()
+    );
     // A request with no Host at all is refused by hyper or by the sidecar, never forwarded.
-    let output = curl(&["--http1.0", "-H", "Host:", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/", p.web.addr("outbound"))]);
+    let output = curl(&[
+        "--http1.0",
+        "-H",
+        "Host:",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/", p.web.addr("outbound")),
+    ]);
     assert_eq!(String::from_utf8_lossy(&output.stdout), "400");
     let _ = Full::new(Bytes::new());
 }

@@ -54,10 +54,10 @@ impl QuicTransport {
             pool.entry(target.addr).or_default().clone()
         };
         let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = guard.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
         }
         *guard = None;
         let conn = self.connect(target, connect_timeout).await?;
@@ -112,15 +112,13 @@ impl QuicTransport {
 
     fn evict(&self, addr: SocketAddr, conn: &Connection) {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = pool.get(&addr) {
-            if let Ok(mut guard) = slot.try_lock() {
-                if guard
-                    .as_ref()
-                    .is_some_and(|c| c.stable_id() == conn.stable_id())
-                {
-                    *guard = None;
-                }
-            }
+        if let Some(slot) = pool.get(&addr)
+            && let Ok(mut guard) = slot.try_lock()
+            && guard
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *guard = None;
         }
     }
 
@@ -181,10 +179,10 @@ impl Transport for QuicTransport {
     ) -> Result<Response<Body>, TransportError> {
         let conn = self.connection(target, target.connect_timeout).await?;
         let result = self.exchange(target, &conn, request).await;
-        if let Err(e) = &result {
-            if conn.close_reason().is_some() || e.is_connect_failure() {
-                self.evict(target.addr, &conn);
-            }
+        if let Err(e) = &result
+            && (conn.close_reason().is_some() || e.is_connect_failure())
+        {
+            self.evict(target.addr, &conn);
         }
         result
     }

@@ -19,7 +19,9 @@ use std::convert::Infallible;
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn query(request: &Request<Incoming>, key: &str) -> Option<u64> {
@@ -29,7 +31,10 @@ fn query(request: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn handle(request: Request<Incoming>, instance: String) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    request: Request<Incoming>,
+    instance: String,
+) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_string();
     let response = match path.as_str() {
         "/whoami" => Response::new(full(instance)),
@@ -54,11 +59,16 @@ async fn handle(request: Request<Incoming>, instance: String) -> Result<Response
                         return None;
                     }
                     let take = left.min(chunk.len() as u64) as usize;
-                    Some((Ok::<_, hyper::Error>(Frame::data(chunk.slice(..take))), left - take as u64))
+                    Some((
+                        Ok::<_, hyper::Error>(Frame::data(chunk.slice(..take))),
+                        left - take as u64,
+                    ))
                 }
             });
             let mut response = Response::new(StreamBody::new(stream).boxed());
-            response.headers_mut().insert("content-length", HeaderValue::from(n));
+            response
+                .headers_mut()
+                .insert("content-length", HeaderValue::from(n));
             response
         }
         "/sink" => {
@@ -76,7 +86,11 @@ async fn handle(request: Request<Incoming>, instance: String) -> Result<Response
                     Err(e) => return Ok(Response::new(full(format!("body error: {e}")))),
                 }
             }
-            let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let hex: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             Response::new(full(format!("{length} {hex}")))
         }
         "/slow" => {
@@ -87,7 +101,8 @@ async fn handle(request: Request<Incoming>, instance: String) -> Result<Response
         p if p.starts_with("/status/") => {
             let code = p["/status/".len()..].parse::<u16>().unwrap_or(500);
             let mut response = Response::new(full(format!("status {code}")));
-            *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            *response.status_mut() =
+                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
             response
         }
         _ => {

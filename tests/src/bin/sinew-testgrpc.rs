@@ -52,9 +52,10 @@ impl Echo for Service {
             request.message,
             bytes::Bytes::from_static(b"\x00\x01detail\xff"),
         );
-        status
-            .metadata_mut()
-            .insert_bin("x-trace-bin", tonic::metadata::MetadataValue::from_bytes(b"\x00\xfe"));
+        status.metadata_mut().insert_bin(
+            "x-trace-bin",
+            tonic::metadata::MetadataValue::from_bytes(b"\x00\xfe"),
+        );
         Err(status)
     }
 }

@@ -1,0 +1,192 @@
+//! `AdminApi`: what `sinewctl` calls, behind a bearer token.
+//!
+//! Policy comes in as a YAML stream and is validated completely before anything changes; a
+//! refusal's message is the [`PolicyError`](sinew_proto::policy::PolicyError) text, which
+//! names the document, the field path and the reason, so `sinewctl apply` can print it as is.
+
+use crate::mesh::{Mesh, MeshError};
+use crate::metrics as m;
+use crate::tokens::constant_time_eq;
+use sinew_proto::policy::{Document, Kind, parse_documents};
+use sinew_proto::v1::admin_api_server::AdminApi;
+use sinew_proto::v1::{
+    AppliedDocument, ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, ListServicesRequest, ListServicesResponse, StatusRequest, StatusResponse,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AdminApiService {
+    pub mesh: Arc<Mesh>,
+}
+
+/// The interceptor that guards every admin call: `authorization: Bearer <admin token>`.
+#[derive(Clone)]
+pub struct RequireToken {
+    token: Arc<str>,
+}
+
+impl RequireToken {
+    pub fn new(token: &str) -> Self {
+        RequireToken {
+            token: Arc::from(token),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(token) if constant_time_eq(token.as_bytes(), self.token.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("invalid admin token")),
+            None => Err(Status::unauthenticated(
+                "missing `authorization: Bearer <admin token>` (see <data-dir>/admin-token)",
+            )),
+        }
+    }
+}
+
+fn internal(e: MeshError) -> Status {
+    tracing::error!("{e}");
+    Status::internal(e.to_string())
+}
+
+fn kind(text: &str) -> Result<Kind, Status> {
+    Kind::parse(text).map_err(Status::invalid_argument)
+}
+
+/// Documents as a YAML stream, the way `sinewctl get` prints them.
+pub fn yaml_stream(docs: &[Document]) -> String {
+    docs.iter()
+        .map(Document::to_yaml)
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[tonic::async_trait]
+impl AdminApi for AdminApiService {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let docs = match parse_documents(&request.into_inner().yaml) {
+            Ok(docs) => docs,
+            Err(e) => {
+                m::policy_apply("invalid");
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+        };
+        let (outcomes, version) = self.mesh.apply(docs).map_err(|e| {
+            m::policy_apply("error");
+            internal(e)
+        })?;
+        m::policy_apply("ok");
+        for (kind, name, outcome) in &outcomes {
+            tracing::info!(%kind, %name, outcome = outcome.as_str(), version, "policy applied");
+        }
+        Ok(Response::new(ApplyResponse {
+            documents: outcomes
+                .into_iter()
+                .map(|(kind, name, outcome)| AppliedDocument {
+                    kind: kind.to_string(),
+                    name,
+                    outcome: outcome.as_str().to_string(),
+                })
+                .collect(),
+            version,
+        }))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind(&request.kind)?;
+        let name = (!request.name.is_empty()).then_some(request.name.as_str());
+        let docs = self.mesh.documents(kind, name);
+        if let (Some(name), true) = (name, docs.is_empty()) {
+            return Err(Status::not_found(format!("{kind} `{name}` not found")));
+        }
+        Ok(Response::new(GetResponse {
+            yaml: yaml_stream(&docs),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind(&request.kind)?;
+        match self.mesh.delete(kind, &request.name).map_err(internal)? {
+            Some(version) => {
+                tracing::info!(%kind, name = %request.name, version, "policy deleted");
+                Ok(Response::new(DeleteResponse { version }))
+            }
+            None => Err(Status::not_found(format!(
+                "{kind} `{}` not found",
+                request.name
+            ))),
+        }
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        Ok(Response::new(ListServicesResponse {
+            services: self.mesh.list_services(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.mesh.status()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn call(token: Option<&str>) -> Result<Request<()>, Status> {
+        let mut request = Request::new(());
+        if let Some(value) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        RequireToken::new("s3cret").call(request)
+    }
+
+    #[test]
+    fn the_token_is_required() {
+        assert!(call(Some("Bearer s3cret")).is_ok());
+        assert_eq!(
+            call(Some("Bearer nope")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            call(Some("s3cret")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(call(None).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn yaml_stream_joins_documents() {
+        let docs =
+            parse_documents("kind: Service\nname: a\n---\nkind: Service\nname: b\n").unwrap();
+        let text = yaml_stream(&docs);
+        assert_eq!(text.matches("---\n").count(), 1);
+        assert_eq!(parse_documents(&text).unwrap(), docs);
+    }
+}

@@ -1,0 +1,187 @@
+//! One sidecar's `Connect` stream, after its Hello: push Updates, take Acks, Nacks and Health.
+//!
+//! Each stream is one task that waits on three things: a message from the sidecar, a new
+//! snapshot, or being replaced by a newer stream with the same node id. A new snapshot is
+//! diffed against what this sidecar was sent ([`SentView`]); most changes elsewhere in the
+//! mesh cost a stream a few pointer comparisons and send nothing.
+
+use crate::mesh::Mesh;
+use crate::metrics as m;
+use crate::sync::{Answer, new_nonce};
+use crate::view::SentView;
+use sinew_proto::v1::{ControlMessage, SidecarMessage, Update, control_message, sidecar_message};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+/// The open streams by node id, so a newer stream can end the older one.
+#[derive(Debug, Default)]
+pub struct Streams {
+    open: Mutex<HashMap<String, (u64, watch::Sender<()>)>>,
+}
+
+impl Streams {
+    /// Makes `session` the stream of `node_id`; the previous one (if any) sees its receiver
+    /// close and ends.
+    pub fn install(&self, node_id: &str, session: u64) -> watch::Receiver<()> {
+        let (tx, rx) = watch::channel(());
+        self.lock().insert(node_id.to_string(), (session, tx));
+        rx
+    }
+
+    /// Forgets `session`, if it is still the stream of `node_id`.
+    pub fn remove(&self, node_id: &str, session: u64) {
+        let mut open = self.lock();
+        if open.get(node_id).is_some_and(|(s, _)| *s == session) {
+            open.remove(node_id);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, watch::Sender<()>)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything a stream task needs.
+pub struct Session {
+    pub mesh: Arc<Mesh>,
+    pub streams: Arc<Streams>,
+    pub node_id: String,
+    pub service: String,
+    pub session: u64,
+    pub inbound: Streaming<SidecarMessage>,
+    pub outbound: mpsc::Sender<Result<ControlMessage, Status>>,
+    pub replaced: watch::Receiver<()>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Why a stream task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The sidecar went away (or the control plane is stopping): the lease starts.
+    Gone,
+    /// A newer stream with the same node id owns the record now.
+    Replaced,
+}
+
+impl Session {
+    /// Runs the stream until it ends, then starts the instance's lease.
+    pub async fn run(mut self) {
+        let mut snapshots = self.mesh.subscribe();
+        let mut view = SentView::new(&self.service);
+        let first = snapshots.borrow_and_update().clone();
+        // The first Update is always the full view (possibly empty).
+        let sent = match view.next_update(&first) {
+            Some(update) => self.send(update).await,
+            None => true,
+        };
+        let end = if sent {
+            self.serve(&mut view, &mut snapshots).await
+        } else {
+            End::Gone
+        };
+        if end == End::Gone {
+            self.mesh.disconnect(&self.node_id, self.session);
+            self.streams.remove(&self.node_id, self.session);
+        }
+        tracing::info!(node_id = %self.node_id, service = %self.service, ?end, "sidecar stream ended");
+    }
+
+    async fn serve(
+        &mut self,
+        view: &mut SentView,
+        snapshots: &mut watch::Receiver<Arc<crate::snapshot::Snapshot>>,
+    ) -> End {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.replaced.changed() => return End::Replaced,
+                _ = self.shutdown.changed() => return End::Gone,
+                _ = self.outbound.closed() => return End::Gone,
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => self.handle(message, view),
+                    Ok(None) => return End::Gone,
+                    Err(status) => {
+                        tracing::debug!(node_id = %self.node_id, %status, "sidecar stream error");
+                        return End::Gone;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return End::Gone;
+                    }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    let Some(update) = view.next_update(&snapshot) else {
+                        continue;
+                    };
+                    if !self.send(update).await {
+                        return End::Gone;
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, message: SidecarMessage, view: &mut SentView) {
+        let node = self.node_id.as_str();
+        match message.kind {
+            Some(sidecar_message::Kind::Ack(ack)) => {
+                match self
+                    .mesh
+                    .record_ack(node, self.session, ack.version, &ack.nonce)
+                {
+                    Answer::Recorded => metrics::counter!(m::ACKS).increment(1),
+                    Answer::Stale => {
+                        tracing::debug!(node_id = node, version = ack.version, "stale ACK ignored")
+                    }
+                }
+            }
+            Some(sidecar_message::Kind::Nack(nack)) => {
+                let answer = self.mesh.record_nack(
+                    node,
+                    self.session,
+                    nack.version,
+                    &nack.nonce,
+                    &nack.error,
+                );
+                match answer {
+                    Answer::Recorded => {
+                        metrics::counter!(m::NACKS).increment(1);
+                        tracing::warn!(node_id = node, version = nack.version, error = %nack.error, "sidecar refused an update");
+                        view.on_nack();
+                    }
+                    Answer::Stale => {
+                        tracing::debug!(
+                            node_id = node,
+                            version = nack.version,
+                            "stale NACK ignored"
+                        )
+                    }
+                }
+            }
+            Some(sidecar_message::Kind::Health(health)) => {
+                self.mesh.set_serving(node, self.session, health.serving);
+            }
+            Some(sidecar_message::Kind::Hello(_)) => {
+                tracing::debug!(node_id = node, "repeated Hello ignored");
+            }
+            None => {}
+        }
+    }
+
+    /// Sends an Update with a fresh nonce. Returns false if the sidecar is gone.
+    async fn send(&mut self, mut update: Update) -> bool {
+        update.nonce = new_nonce();
+        self.mesh
+            .record_sent(&self.node_id, self.session, update.version, &update.nonce);
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::Update(update)),
+        };
+        let sent = self.outbound.send(Ok(message)).await.is_ok();
+        if sent {
+            metrics::counter!(m::UPDATES_SENT).increment(1);
+        }
+        sent
+    }
+}

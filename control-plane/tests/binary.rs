@@ -1,0 +1,89 @@
+//! The `sinew-control` binary: the one stdout line scripts parse, the token files, and a clean
+//! exit on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn prints_its_addresses_and_exits_cleanly_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!(
+        "sinew-control-bin-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+        .args([
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--lease-grace",
+            "1s",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let line = line.trim_end();
+    let rest = line
+        .strip_prefix("listening grpc=")
+        .unwrap_or_else(|| panic!("unexpected line: {line}"));
+    let (grpc, http) = rest.split_once(" http=").unwrap();
+    let grpc: std::net::SocketAddr = grpc.parse().unwrap();
+    let http: std::net::SocketAddr = http.parse().unwrap();
+    assert_ne!(grpc.port(), 0);
+    assert_ne!(http.port(), 0);
+    assert!(std::net::TcpStream::connect(grpc).is_ok());
+    assert!(dir.join("admin-token").is_file());
+    assert!(dir.join("join-token").is_file());
+    assert!(dir.join("control.redb").is_file());
+
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn refuses_to_start_on_bad_flags_with_a_clear_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+        .args([
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "Not Valid",
+        ])
+        .arg("--data-dir")
+        .arg(std::env::temp_dir().join(format!("sinew-control-bin-bad-{}", std::process::id())))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--trust-domain"), "{stderr}");
+}
