@@ -27,6 +27,24 @@ const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Node ids are free-form (hostnames, pod names, UUIDs) but bounded.
 const MAX_NODE_ID: usize = 253;
 
+/// `Connect` carries the join token as `authorization: Bearer <token>`, so only sidecars that
+/// may join can register instances (and so steer traffic).
+fn check_join_token<T>(request: &Request<T>, join_token: &str) -> Result<(), Status> {
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            Status::unauthenticated("Connect needs `authorization: Bearer <join token>`")
+        })?;
+    if constant_time_eq(presented.trim().as_bytes(), join_token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("the join token is not this mesh's"))
+    }
+}
+
 pub struct SidecarApiService {
     pub mesh: Arc<Mesh>,
     pub ca: Arc<MeshCa>,
@@ -43,6 +61,7 @@ impl SidecarApi for SidecarApiService {
         &self,
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        check_join_token(&request, &self.join_token)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

@@ -21,6 +21,10 @@ pub fn spiffe_id(trust_domain: &str, service: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct SnapService {
     pub resource: Arc<ServiceResource>,
+    /// The same service without its endpoints: what a scoped sidecar of this service gets
+    /// about itself (its policy governs its inbound). Sibling instances coming and going
+    /// then do not reach every sibling.
+    pub own: Arc<ServiceResource>,
     /// The service's declared dependencies (`spec.calls`), which scope its sidecars' view.
     pub calls: Option<Arc<[String]>>,
 }
@@ -70,27 +74,47 @@ impl Snapshot {
                 Some(old) if *old.resource == resource => old.resource.clone(),
                 _ => Arc::new(resource),
             };
+            let own = match prev.services.get(name) {
+                Some(old) if old.own.policy_json == resource.policy_json => old.own.clone(),
+                _ => Arc::new(ServiceResource {
+                    name: name.to_string(),
+                    policy_json: resource.policy_json.clone(),
+                    endpoints: Vec::new(),
+                }),
+            };
             let calls = policy
                 .and_then(|p| p.document.spec.calls.as_ref())
                 .map(|c| Arc::from(c.as_slice()));
-            services.insert(name.to_string(), SnapService { resource, calls });
+            services.insert(
+                name.to_string(),
+                SnapService {
+                    resource,
+                    own,
+                    calls,
+                },
+            );
         }
         Snapshot { version, services }
     }
 
     /// The services a sidecar of `service` receives: its declared `calls` if its policy has
-    /// them, otherwise every service. Its own service is always in: its policy (`allow`)
-    /// governs the sidecar's inbound.
+    /// them, otherwise every service. A scoped sidecar also gets its own service's policy
+    /// (without endpoints, unless it calls itself): that policy (`allow`) governs its inbound.
     pub fn scope<'a>(&'a self, service: &str) -> Vec<&'a Arc<ServiceResource>> {
-        match self.services.get(service).and_then(|s| s.calls.as_ref()) {
-            Some(calls) => calls
-                .iter()
-                .filter(|c| c.as_str() != service)
-                .chain(std::iter::once(&service.to_string()))
-                .filter_map(|c| self.services.get(c))
-                .map(|s| &s.resource)
-                .collect(),
-            None => self.services.values().map(|s| &s.resource).collect(),
+        match self.services.get(service) {
+            Some(me) if me.calls.is_some() => {
+                let calls = me.calls.as_deref().unwrap_or_default();
+                let mut view: Vec<&Arc<ServiceResource>> = calls
+                    .iter()
+                    .filter_map(|c| self.services.get(c))
+                    .map(|s| &s.resource)
+                    .collect();
+                if !calls.iter().any(|c| c == service) {
+                    view.push(&me.own);
+                }
+                view
+            }
+            _ => self.services.values().map(|s| &s.resource).collect(),
         }
     }
 }

@@ -10,6 +10,7 @@ use sinew_proto::v1::sidecar_api_client::SidecarApiClient;
 use sinew_proto::v1::{CertificateRequest, Health, SidecarMessage, sidecar_message};
 use std::time::Duration;
 use tonic::Code;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 
 const ORDERS: &str = "kind: Service\nname: orders\nspec: {timeout: 3s}\n";
 
@@ -335,6 +336,33 @@ async fn the_admin_api_needs_the_token() {
         client.status(request).await.unwrap_err().code(),
         Code::Unauthenticated
     );
+    control.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn connect_needs_the_join_token() {
+    let dir = temp_dir("connect-auth");
+    let control = start(&dir, Duration::from_secs(10)).await;
+    for token in [None, Some("wrong"), Some(control.admin_token.as_str())] {
+        let mut client = SidecarApiClient::new(channel(&control).await);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(SidecarMessage {
+            kind: Some(sidecar_message::Kind::Hello(hello("intruder-1", "orders"))),
+        })
+        .await
+        .unwrap();
+        let stream = ReceiverStream::new(rx);
+        let request = match token {
+            Some(t) => with_join_token(stream, t),
+            None => tonic::Request::new(stream),
+        };
+        let err = client.connect(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "token {token:?}");
+    }
+    // Nothing was registered.
+    let mut admin = Admin::new(&control).await;
+    assert!(admin.status().await.sidecars.is_empty());
     control.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }

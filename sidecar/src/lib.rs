@@ -92,6 +92,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node_id: node_id.clone(),
         snapshot: ArcSwap::from_pointee(snapshot),
         snapshot_path,
+        join_token_file: config.join_token_file.clone(),
         identity_ready: AtomicBool::new(false),
         control_connected: AtomicBool::new(false),
         shutdown,

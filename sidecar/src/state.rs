@@ -11,6 +11,8 @@ pub struct Shared {
     pub node_id: String,
     pub snapshot: ArcSwap<Snapshot>,
     pub snapshot_path: PathBuf,
+    /// Read at every (re)connect, so a rotated token is picked up.
+    pub join_token_file: PathBuf,
     /// Set once the certificate is in hand and the inbound accepts connections.
     pub identity_ready: AtomicBool,
     pub control_connected: AtomicBool,

@@ -173,7 +173,13 @@ impl Sidecar {
         let mut client = SidecarApiClient::new(channel(control).await);
         let (tx, rx) = mpsc::channel(16);
         tx.send(first).await.unwrap();
-        let updates = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let updates = client
+            .connect(with_join_token(
+                ReceiverStream::new(rx),
+                &control.join_token,
+            ))
+            .await?
+            .into_inner();
         Ok(Sidecar { tx, updates })
     }
 
@@ -223,4 +229,14 @@ impl Sidecar {
 
 pub fn names(update: &Update) -> Vec<&str> {
     update.services.iter().map(|s| s.name.as_str()).collect()
+}
+
+/// A Connect request carrying the join token, as sidecars send it.
+pub fn with_join_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
 }
