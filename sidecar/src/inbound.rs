@@ -77,7 +77,7 @@ impl Inbound {
             conn.close(quinn::VarInt::from_u32(1), b"certificate has no spiffe id");
             return;
         };
-        tracing::debug!(%remote, %caller, "peer connected");
+        tracing::info!(%remote, %caller, "peer connected");
         let caller: Arc<str> = caller.into();
         while let Ok((send, recv)) = conn.accept_bi().await {
             let inbound = self.clone();
