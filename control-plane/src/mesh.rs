@@ -36,6 +36,8 @@ pub enum MeshError {
 struct Inner {
     policies: PolicySet,
     registry: Registry,
+    /// The live instances as the store has them (so only changes are written).
+    stored_instances: BTreeMap<String, InstanceSpec>,
     version: u64,
     version_floor: u64,
 }
@@ -63,9 +65,28 @@ impl Mesh {
             }
         }
         let version = store.version_floor()?;
+        let mut registry = Registry::new(lease_grace);
+        let mut stored_instances = BTreeMap::new();
+        let now = unix_ms();
+        for (node_id, json) in store.instances()? {
+            match serde_json::from_str::<InstanceSpec>(&json) {
+                Ok(spec) => {
+                    registry.restore(spec.clone(), now);
+                    stored_instances.insert(node_id, spec);
+                }
+                Err(e) => tracing::warn!(node_id, "ignoring a stored instance: {e}"),
+            }
+        }
+        if !stored_instances.is_empty() {
+            tracing::info!(
+                instances = stored_instances.len(),
+                "restored instances from before the restart; their leases run until they reconnect"
+            );
+        }
         let inner = Inner {
+            stored_instances,
             policies: PolicySet::from_entries(entries),
-            registry: Registry::new(lease_grace),
+            registry,
             version,
             version_floor: version,
         };
@@ -171,6 +192,9 @@ impl Mesh {
     /// Registers the instance of a new stream; returns the stream's session id.
     pub fn register(&self, spec: InstanceSpec, applied_version: u64) -> u64 {
         let mut inner = self.lock();
+        if inner.stored_instances.get(&spec.node_id) != Some(&spec) {
+            self.store_instance(&mut inner, &spec.node_id, Some(&spec));
+        }
         let registered = inner.registry.register(spec, applied_version, unix_ms());
         if registered.endpoints_changed {
             self.bump(&mut inner);
@@ -226,7 +250,22 @@ impl Mesh {
     /// Ends the leases that ran out; returns when to call again.
     pub fn expire(&self, now: i64) -> Option<i64> {
         let mut inner = self.lock();
-        if inner.registry.expire(now) {
+        let changed = inner.registry.expire(now);
+        let live: std::collections::BTreeSet<String> = inner
+            .registry
+            .live_specs()
+            .map(|s| s.node_id.clone())
+            .collect();
+        let gone: Vec<String> = inner
+            .stored_instances
+            .keys()
+            .filter(|node| !live.contains(*node))
+            .cloned()
+            .collect();
+        for node in gone {
+            self.store_instance(&mut inner, &node, None);
+        }
+        if changed {
             self.bump(&mut inner);
         } else {
             self.update_gauges(&inner);
@@ -308,6 +347,30 @@ impl Mesh {
     // ----- internals -----
 
     /// A new config version: rebuild the snapshot once and wake every stream.
+    /// Writes one instance's record (or its removal). A failed write is logged, not fatal:
+    /// the cost is only that a restart would forget (or briefly keep) that instance.
+    fn store_instance(
+        &self,
+        inner: &mut MutexGuard<'_, Inner>,
+        node_id: &str,
+        spec: Option<&InstanceSpec>,
+    ) {
+        let json = spec.and_then(|s| serde_json::to_string(s).ok());
+        match self.store.write_instances(&[(node_id.to_string(), json)]) {
+            Ok(()) => match spec {
+                Some(spec) => {
+                    inner
+                        .stored_instances
+                        .insert(node_id.to_string(), spec.clone());
+                }
+                None => {
+                    inner.stored_instances.remove(node_id);
+                }
+            },
+            Err(e) => tracing::warn!(node_id, "could not store the instance: {e}"),
+        }
+    }
+
     fn bump(&self, inner: &mut MutexGuard<'_, Inner>) {
         inner.version += 1;
         if inner.version > inner.version_floor {

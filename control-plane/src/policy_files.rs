@@ -106,20 +106,22 @@ pub async fn watch(
         if contents == last {
             continue;
         }
-        last = contents;
-        match parse(&last) {
+        match parse(&contents) {
             Err(e) => {
                 m::policy_apply("invalid");
                 tracing::error!("policy files changed but are invalid, nothing applied: {e:#}");
+                last = contents;
             }
             Ok(docs) => match mesh.sync_files(docs) {
                 Ok(changed) => {
                     m::policy_apply("ok");
                     tracing::info!(changed, version = mesh.version(), "policy files reloaded");
+                    last = contents;
                 }
                 Err(e) => {
+                    // `last` stays as it was, so the next tick tries again.
                     m::policy_apply("error");
-                    tracing::error!("policy files not applied: {e}");
+                    tracing::error!("policy files not applied (will retry): {e}");
                 }
             },
         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 pub const GONE_RETENTION: Duration = Duration::from_secs(600);
 
 /// What a Hello says about an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceSpec {
     pub node_id: String,
     pub service: String,
@@ -117,6 +117,32 @@ impl Registry {
             session,
             endpoints_changed,
         }
+    }
+
+    /// An instance known from before a restart: registered, its lease running from `now`,
+    /// until its sidecar reconnects (and takes the record over) or the lease ends.
+    pub fn restore(&mut self, spec: InstanceSpec, now: i64) {
+        let session = self.next_session;
+        self.next_session += 1;
+        let entry = Entry {
+            spec,
+            session,
+            liveness: Liveness::Grace {
+                until_ms: now.saturating_add(self.grace_ms),
+            },
+            serving: true,
+            connected_since_ms: 0,
+            sync: SyncTracker::new(0),
+        };
+        self.entries.insert(entry.spec.node_id.clone(), entry);
+    }
+
+    /// The specs of every live (registered) instance, by node id.
+    pub fn live_specs(&self) -> impl Iterator<Item = &InstanceSpec> {
+        self.entries
+            .values()
+            .filter(|e| e.is_live())
+            .map(|e| &e.spec)
     }
 
     /// The stream `session` ended: its lease starts running. Returns false if the record

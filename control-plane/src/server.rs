@@ -194,7 +194,8 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
 
 /// Ends leases when they run out: sleeps until the next deadline, or until a lease starts.
 async fn reap(mesh: Arc<Mesh>, mut shutdown: watch::Receiver<bool>) {
-    let mut next: Option<i64> = None;
+    // Instances restored from the store have leases running from the start.
+    let mut next: Option<i64> = mesh.expire(unix_ms());
     loop {
         let wait = match next {
             Some(deadline) => {

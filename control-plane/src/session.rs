@@ -24,9 +24,17 @@ pub struct Streams {
 impl Streams {
     /// Makes `session` the stream of `node_id`; the previous one (if any) sees its receiver
     /// close and ends.
+    ///
+    /// Two streams of one node can race between registering and installing; sessions grow
+    /// monotonically, so an older one that installs last is already replaced (its receiver's
+    /// sender is gone at once) and never takes the record from the newer one.
     pub fn install(&self, node_id: &str, session: u64) -> watch::Receiver<()> {
         let (tx, rx) = watch::channel(());
-        self.lock().insert(node_id.to_string(), (session, tx));
+        let mut open = self.lock();
+        if open.get(node_id).is_some_and(|(newer, _)| *newer > session) {
+            return rx;
+        }
+        open.insert(node_id.to_string(), (session, tx));
         rx
     }
 
@@ -100,7 +108,16 @@ impl Session {
                 _ = self.shutdown.changed() => return End::Gone,
                 _ = self.outbound.closed() => return End::Gone,
                 message = self.inbound.message() => match message {
-                    Ok(Some(message)) => self.handle(message, view),
+                    Ok(Some(message)) => {
+                        if self.handle(message, view) {
+                            let snapshot = snapshots.borrow().clone();
+                            if let Some(update) = view.next_update(&snapshot)
+                                && !self.send(update).await
+                            {
+                                return End::Gone;
+                            }
+                        }
+                    }
                     Ok(None) => return End::Gone,
                     Err(status) => {
                         tracing::debug!(node_id = %self.node_id, %status, "sidecar stream error");
@@ -123,7 +140,9 @@ impl Session {
         }
     }
 
-    fn handle(&mut self, message: SidecarMessage, view: &mut SentView) {
+    /// Records one message of the sidecar. Returns true when the sidecar must be resynced
+    /// with a full Update now.
+    fn handle(&mut self, message: SidecarMessage, view: &mut SentView) -> bool {
         let node = self.node_id.as_str();
         match message.kind {
             Some(sidecar_message::Kind::Ack(ack)) => {
@@ -149,16 +168,17 @@ impl Session {
                     Answer::Recorded => {
                         metrics::counter!(m::NACKS).increment(1);
                         tracing::warn!(node_id = node, version = nack.version, error = %nack.error, "sidecar refused an update");
-                        view.on_nack();
                     }
                     Answer::Stale => {
                         tracing::debug!(
                             node_id = node,
                             version = nack.version,
-                            "stale NACK ignored"
+                            "NACK of an earlier update"
                         )
                     }
                 }
+                // Stale or not, the sidecar lacks what we think it has.
+                return view.on_nack();
             }
             Some(sidecar_message::Kind::Health(health)) => {
                 self.mesh.set_serving(node, self.session, health.serving);
@@ -168,6 +188,7 @@ impl Session {
             }
             None => {}
         }
+        false
     }
 
     /// Sends an Update with a fresh nonce. Returns false if the sidecar is gone.
@@ -183,5 +204,30 @@ impl Session {
             metrics::counter!(m::UPDATES_SENT).increment(1);
         }
         sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_stream_installing_last_is_already_replaced() {
+        let streams = Streams::default();
+        let newer = streams.install("web-1", 6);
+        let older = streams.install("web-1", 5);
+        assert!(
+            older.has_changed().is_err(),
+            "the older stream ends as replaced"
+        );
+        assert!(
+            newer.has_changed().is_ok(),
+            "the newer stream keeps the record"
+        );
+        let _newest = streams.install("web-1", 7);
+        assert!(
+            newer.has_changed().is_err(),
+            "a newer stream replaces an older one"
+        );
     }
 }

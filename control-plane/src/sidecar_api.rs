@@ -26,6 +26,9 @@ const OUTBOUND_QUEUE: usize = 16;
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Node ids are free-form (hostnames, pod names, UUIDs) but bounded.
 const MAX_NODE_ID: usize = 253;
+/// Bounds on what a Hello may make every sidecar carry.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL: usize = 253;
 
 /// `Connect` carries the join token as `authorization: Bearer <token>`, so only sidecars that
 /// may join can register instances (and so steer traffic).
@@ -138,11 +141,31 @@ fn instance_spec(hello: &Hello) -> Result<InstanceSpec, String> {
         return Err(format!("hello.node_id: must be 1-{MAX_NODE_ID} characters"));
     }
     validate_name(&hello.service).map_err(|reason| format!("hello.service: {reason}"))?;
-    if hello.instance_addr.is_empty() {
-        return Err(
-            "hello.instance_addr: must be set (host:port where other sidecars reach this one)"
-                .into(),
-        );
+    // Sidecars refuse an Update with an endpoint they cannot dial, so a bad address must
+    // stop here, not freeze every caller's configuration.
+    let addr: std::net::SocketAddr = hello.instance_addr.parse().map_err(|_| {
+        format!(
+            "hello.instance_addr: `{}` is not an ip:port where other sidecars reach this one",
+            hello.instance_addr
+        )
+    })?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!(
+            "hello.instance_addr: `{addr}` cannot be dialled (unspecified address or port 0)"
+        ));
+    }
+    if hello.zone.len() > MAX_LABEL {
+        return Err(format!("hello.zone: at most {MAX_LABEL} bytes"));
+    }
+    if hello.labels.len() > MAX_LABELS
+        || hello
+            .labels
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL || v.len() > MAX_LABEL)
+    {
+        return Err(format!(
+            "hello.labels: at most {MAX_LABELS} labels, keys of 1-{MAX_LABEL} bytes, values up to {MAX_LABEL}"
+        ));
     }
     Ok(InstanceSpec {
         node_id: hello.node_id.clone(),
@@ -179,11 +202,17 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.starts_with("hello.service"));
-        let err = instance_spec(&Hello {
-            instance_addr: String::new(),
-            ..good
-        })
-        .unwrap_err();
-        assert!(err.starts_with("hello.instance_addr"));
+        for addr in ["", "orders:4143", "0.0.0.0:4143", "127.0.0.1:0"] {
+            let err = instance_spec(&Hello {
+                instance_addr: addr.into(),
+                ..good.clone()
+            })
+            .unwrap_err();
+            assert!(err.starts_with("hello.instance_addr"), "{addr}: {err}");
+        }
+        let mut labels = std::collections::HashMap::new();
+        labels.insert(String::new(), "x".to_string());
+        let err = instance_spec(&Hello { labels, ..good }).unwrap_err();
+        assert!(err.starts_with("hello.labels"));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! It keeps what must survive a restart: the applied policy documents (as the YAML
 //! `sinewctl get` prints, parsed again with the same validation on load), the mesh CA, and a
-//! floor for the config version. The registry is not stored: instances re-register when their
-//! sidecars reconnect.
+//! floor for the config version, and the live instances: a restarted control plane keeps
+//! serving them (their leases start again) until their sidecars reconnect, instead of
+//! handing every reconnecting sidecar an empty endpoint set first.
 //!
 //! The version changes on every endpoint change, too often to write each one. The store
 //! keeps a reservation instead: versions up to the stored floor may have been handed out,
@@ -20,6 +21,8 @@ const FROM_FILES: TableDefinition<'_, &str, u8> = TableDefinition::new("document
 const CA: TableDefinition<'_, &str, &str> = TableDefinition::new("ca");
 /// `version_floor`.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// node id -> the instance's Hello (JSON of `InstanceSpec`).
+const INSTANCES: TableDefinition<'_, &str, &str> = TableDefinition::new("instances");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,6 +83,7 @@ impl Store {
         txn.open_table(FROM_FILES)?;
         txn.open_table(CA)?;
         txn.open_table(META)?;
+        txn.open_table(INSTANCES)?;
         txn.commit()?;
         Ok(Store { db })
     }
@@ -124,6 +128,34 @@ impl Store {
                 } else {
                     files.remove(doc.key.as_str())?;
                 }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The stored instances: (node id, JSON).
+    pub fn instances(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(INSTANCES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Stores (`Some(json)`) or forgets (`None`) instances, in one transaction.
+    pub fn write_instances(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(INSTANCES)?;
+            for (node_id, json) in changes {
+                match json {
+                    Some(json) => table.insert(node_id.as_str(), json.as_str())?,
+                    None => table.remove(node_id.as_str())?,
+                };
             }
         }
         txn.commit()?;

@@ -17,6 +17,9 @@ pub struct SentView {
     sent: BTreeMap<String, Arc<ServiceResource>>,
     sent_version: u64,
     needs_full: bool,
+    /// Whether the last Update sent was full: a NACK of a full Update is not answered with
+    /// another full one (it would be refused again), only with the next change.
+    last_full: bool,
 }
 
 impl SentView {
@@ -27,6 +30,7 @@ impl SentView {
             sent: BTreeMap::new(),
             sent_version: 0,
             needs_full: true,
+            last_full: false,
         }
     }
 
@@ -61,7 +65,9 @@ impl SentView {
         if !full && changed.is_empty() && removed.is_empty() {
             return None;
         }
+        let base_version = if full { 0 } else { self.sent_version };
         self.needs_full = false;
+        self.last_full = full;
         self.sent_version = version;
         Some(Update {
             version,
@@ -69,12 +75,16 @@ impl SentView {
             full,
             services: changed,
             removed_services: removed,
+            base_version,
         })
     }
 
-    /// The sidecar refused an Update: resend everything with the next one.
-    pub fn on_nack(&mut self) {
+    /// The sidecar refused an Update (this one or an earlier one still in flight), so it
+    /// holds an older snapshot than we assumed. Returns true when a full Update should go at
+    /// once: the refused one was a delta, which may have failed only for lack of its base.
+    pub fn on_nack(&mut self) -> bool {
         self.needs_full = true;
+        !self.last_full
     }
 
     pub fn sent_version(&self) -> u64 {
@@ -93,6 +103,33 @@ mod tests {
 
     fn names(u: &Update) -> Vec<&str> {
         u.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn deltas_name_their_base_and_a_nack_of_a_delta_resyncs_at_once() {
+        let p = policies("kind: Service\nname: orders\n");
+        let mut r = Registry::new(Duration::from_secs(1));
+        register(&mut r, "w1", "web");
+        let s1 = Snapshot::build(1, &p, r.entries(), "td", &Snapshot::default());
+        let mut view = SentView::new("web");
+        let u1 = view.next_update(&s1).unwrap();
+        assert_eq!((u1.full, u1.base_version), (true, 0));
+        // A NACK of the full view waits for the next change: resending it would fail again.
+        assert!(!view.on_nack());
+        register(&mut r, "w2", "web");
+        let s2 = Snapshot::build(2, &p, r.entries(), "td", &s1);
+        let u2 = view.next_update(&s2).unwrap();
+        assert!(u2.full, "after a NACK the next update is full");
+        register(&mut r, "w3", "web");
+        let s3 = Snapshot::build(3, &p, r.entries(), "td", &s2);
+        let u3 = view.next_update(&s3).unwrap();
+        assert_eq!((u3.full, u3.base_version), (false, 2));
+        // A NACK of a delta (or of an earlier one still in flight) resyncs now, in full,
+        // even though nothing changed since.
+        assert!(view.on_nack());
+        let again = view.next_update(&s3).unwrap();
+        assert!(again.full);
+        assert_eq!(again.version, 3);
     }
 
     #[test]

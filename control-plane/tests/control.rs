@@ -71,6 +71,14 @@ async fn hello_gets_the_full_view_then_deltas_and_acks_nacks_are_recorded() {
     assert!(delta.services[0].policy_json.contains("\"timeout\":\"2s\""));
 
     web.nack(&delta, "spec.timeout: too short for me").await;
+    // A refused delta may have failed for lack of its base: the whole view goes at once.
+    let resync = web.next_update().await;
+    assert!(resync.full, "a NACKed delta is answered with a full update");
+    assert_eq!(resync.version, delta.version);
+    assert_eq!(names(&resync), ["orders", "web"]);
+    // Refusing that too leaves the sidecar on its last good version until the next change.
+    web.nack(&resync, "spec.timeout: too short for me").await;
+    web.expect_quiet(Duration::from_millis(300)).await;
     let nacked = admin
         .wait_for_sidecar("web-1", "NACK", |s| s.state == "NACK")
         .await;
@@ -82,7 +90,7 @@ async fn hello_gets_the_full_view_then_deltas_and_acks_nacks_are_recorded() {
     );
 
     // An Ack with a superseded nonce changes nothing.
-    web.ack(&full).await;
+    web.ack(&delta).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(admin.sidecar("web-1").await.unwrap().state, "NACK");
 
@@ -501,6 +509,47 @@ async fn a_restart_on_the_same_data_dir_keeps_policy_ca_tokens_and_versions() {
         "versions keep increasing across restarts"
     );
     assert_eq!(names(&full), ["orders", "web"]);
+    control.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn instances_survive_a_restart_until_their_lease_ends() {
+    let dir = temp_dir("restart-instances");
+    let control = start(&dir, Duration::from_secs(10)).await;
+    let orders = Sidecar::connect(&control, hello("orders-1", "orders"))
+        .await
+        .unwrap();
+    control.shutdown().await.unwrap();
+    drop(orders);
+
+    // Restarted: a sidecar that reconnects first still sees orders-1, whose own sidecar has
+    // not come back yet; when orders-1's lease (restarted at boot) ends, it leaves.
+    let control = start(&dir, Duration::from_millis(500)).await;
+    let mut web = Sidecar::connect(&control, hello("web-1", "web"))
+        .await
+        .unwrap();
+    let full = web.next_update().await;
+    let orders_resource = full
+        .services
+        .iter()
+        .find(|s| s.name == "orders")
+        .expect("orders is still known after the restart");
+    assert_eq!(orders_resource.endpoints[0].node_id, "orders-1");
+    let gone = web.next_update().await;
+    assert!(!gone.full);
+    assert!(
+        gone.removed_services.contains(&"orders".to_string()),
+        "{gone:?}"
+    );
+    control.shutdown().await.unwrap();
+
+    // And a third start does not bring it back.
+    let control = start(&dir, Duration::from_millis(500)).await;
+    let mut web = Sidecar::connect(&control, hello("web-1", "web"))
+        .await
+        .unwrap();
+    assert_eq!(names(&web.next_update().await), ["web"]);
     control.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }

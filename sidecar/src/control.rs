@@ -37,10 +37,9 @@ pub async fn run(shared: Arc<Shared>, addrs: Vec<String>, me: Registration) {
         let addr = &addrs[next % addrs.len()];
         next += 1;
         let started = Instant::now();
-        let result = tokio::select! {
-            r = session(&shared, addr, &me) => r,
-            _ = crate::state::shutdown_begun(&mut shutdown) => return,
-        };
+        // Not raced against shutdown: the session watches for it itself, so that an open
+        // stream reports `serving: false` before it closes.
+        let result = session(&shared, addr, &me).await;
         shared.control_connected.store(false, Ordering::Relaxed);
         metrics::gauge!("sinew_control_connected").set(0.0);
         match result {
@@ -59,14 +58,16 @@ pub async fn run(shared: Arc<Shared>, addrs: Vec<String>, me: Registration) {
 }
 
 async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let mut shutdown = shared.shutdown.subscribe();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .context("connect")?;
+        .tcp_nodelay(true);
+    let channel = tokio::select! {
+        channel = endpoint.connect() => channel.context("connect")?,
+        _ = crate::state::shutdown_begun(&mut shutdown) => return Ok(()),
+    };
     let (tx, rx) = mpsc::channel::<SidecarMessage>(16);
     let hello = Hello {
         node_id: me.node_id.clone(),
@@ -93,23 +94,26 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
             .parse()
             .context("the join token is not printable ASCII")?,
     );
-    let mut updates = SidecarApiClient::new(channel)
-        .connect(request)
-        .await
-        .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut client = SidecarApiClient::new(channel);
+    let mut updates = tokio::select! {
+        response = client.connect(request) => response
+            .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner(),
+        _ = crate::state::shutdown_begun(&mut shutdown) => return Ok(()),
+    };
     tracing::info!("connected to the control plane at {addr}");
     shared.control_connected.store(true, Ordering::Relaxed);
     metrics::gauge!("sinew_control_connected").set(1.0);
 
-    let mut shutdown = shared.shutdown.subscribe();
     loop {
         let message = tokio::select! {
             m = updates.message() => m.map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?,
             _ = crate::state::shutdown_begun(&mut shutdown) => {
                 send(&tx, Kind::Health(Health { serving: false })).await?;
-                // Give the message a moment to leave before the stream is dropped.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // End our half; the control plane reads the Health first, then ends its half.
+                drop(tx);
+                let closed = async { while let Ok(Some(_)) = updates.message().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
                 return Ok(());
             }
         };

@@ -34,8 +34,8 @@ pub enum MeshError {
     AppUnreachable(String),
     #[error("not supported: {0}")]
     Unsupported(String),
-    #[error("shutting down: this sidecar is draining")]
-    ShuttingDown,
+    #[error("not ready: this sidecar has no configuration yet")]
+    NotReady,
 }
 
 impl MeshError {
@@ -43,7 +43,7 @@ impl MeshError {
         match self {
             MeshError::BadRequest(_) => StatusCode::BAD_REQUEST,
             MeshError::UnknownService(_) => StatusCode::NOT_FOUND,
-            MeshError::NoEndpoints(_) | MeshError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            MeshError::NoEndpoints(_) | MeshError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::ConnectFailure(_)
             | MeshError::PeerRefused(_)
             | MeshError::UpstreamReset(_)
@@ -69,7 +69,7 @@ impl MeshError {
             MeshError::Misdirected { .. } => "misdirected",
             MeshError::AppUnreachable(_) => "app-unreachable",
             MeshError::Unsupported(_) => "unsupported",
-            MeshError::ShuttingDown => "shutting-down",
+            MeshError::NotReady => "not-ready",
         }
     }
 

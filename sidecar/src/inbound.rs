@@ -87,34 +87,49 @@ impl Inbound {
     }
 
     async fn stream(&self, mut send: quinn::SendStream, recv: quinn::RecvStream, caller: Arc<str>) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         let caller_service = tls::service_of(&caller).unwrap_or("unknown").to_string();
-        match quic::read_request(recv).await {
+        let (authority, request) = match quic::read_request(recv).await {
+            Ok(head) => head,
             Err(e) => {
                 tracing::debug!("bad request stream from {caller}: {e}");
                 let _ = send.reset(frame::PROTOCOL_ERROR);
+                return;
             }
-            Ok((authority, request)) => {
-                let response = match self.to_app(&caller, &authority, request).await {
-                    Ok(response) => response,
-                    Err(e) => {
-                        tracing::debug!("inbound from {caller}: {e}");
-                        e.into_response()
-                    }
-                };
-                crate::admin::record_request(
-                    "inbound",
-                    &caller_service,
-                    response.status(),
-                    started.elapsed(),
-                );
-                if let Err(e) = quic::write_response(&mut send, response).await {
+        };
+        // The caller stopping the response (it timed out, its client went away) cancels the
+        // app request, even while the app is silent: dropping the futures below drops it.
+        let stopped = send.stopped();
+        tokio::pin!(stopped);
+        let response = tokio::select! {
+            result = self.to_app(&caller, &authority, request) => result.unwrap_or_else(|e| {
+                tracing::debug!("inbound from {caller}: {e}");
+                e.into_response()
+            }),
+            _ = &mut stopped => {
+                tracing::debug!("{caller} cancelled a request before the app answered");
+                metrics::counter!("sinew_inbound_cancelled_total").increment(1);
+                return;
+            }
+        };
+        crate::admin::record_request(
+            "inbound",
+            &caller_service,
+            response.status(),
+            started.elapsed(),
+        );
+        tokio::select! {
+            result = quic::write_response(&mut send, response) => {
+                if let Err(e) = result {
                     tracing::debug!("response to {caller} ended early: {e}");
                 }
             }
+            _ = &mut stopped => {
+                tracing::debug!("{caller} cancelled a response while it streamed");
+                metrics::counter!("sinew_inbound_cancelled_total").increment(1);
+            }
         }
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     async fn to_app(
@@ -131,7 +146,12 @@ impl Inbound {
             });
         }
         let caller_service = tls::service_of(caller).unwrap_or_default();
-        if let Some(service) = self.shared.snapshot.load().services.get(me) {
+        let snapshot = self.shared.snapshot.load();
+        if snapshot.version == 0 {
+            // Without configuration the allow list is unknown: refuse rather than fail open.
+            return Err(MeshError::NotReady);
+        }
+        if let Some(service) = snapshot.services.get(me) {
             let allow = &service.policy.allow;
             if !allow.is_empty() && !allow.iter().any(|s| s == caller_service) {
                 metrics::counter!("sinew_inbound_forbidden_total", "caller" => caller_service.to_string())
@@ -163,5 +183,21 @@ impl Inbound {
             .await
             .map_err(|e| MeshError::AppUnreachable(format!("{}: {e}", self.app_addr)))?;
         Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()))
+    }
+}
+
+/// Counts a request as in flight until dropped, however the request ends.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

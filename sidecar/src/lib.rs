@@ -98,10 +98,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown,
     });
 
+    // The outbound and the admin listener stop last, once the inbound has drained: requests
+    // still being served often call their own dependencies.
+    let (stop_listeners, listeners_stopped) = tokio::sync::watch::channel(false);
     let admin_shared = shared.clone();
     tokio::spawn(http_server::serve(
         admin_listener,
-        shared.shutdown.subscribe(),
+        listeners_stopped.clone(),
         move |req| admin::handle(req, admin_shared.clone(), prometheus.clone()),
     ));
     tokio::spawn(shutdown_on_signal(shared.clone()));
@@ -127,7 +130,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let outbound = Arc::new(outbound::Outbound::new(shared.clone(), transport));
     let outbound_task = tokio::spawn(http_server::serve(
         outbound_listener,
-        shared.shutdown.subscribe(),
+        listeners_stopped,
         move |req| {
             let outbound = outbound.clone();
             async move { outbound.handle(req).await }
@@ -148,9 +151,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     state::shutdown_begun(&mut shutdown_rx).await;
     let deadline = Instant::now() + config.drain_timeout;
     tracing::info!("draining for at most {:?}", config.drain_timeout);
-    let _ = tokio::time::timeout(Duration::from_secs(2), control_task).await;
-    let _ = tokio::time::timeout_at(deadline.into(), outbound_task).await;
-    // Peers learn of the withdrawal within milliseconds; serve what they had already sent.
+    // 1. Withdraw: the control plane hears `serving: false` and tells every caller.
+    let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
+    // 2. Peers learn of the withdrawal within milliseconds; serve what they had already sent.
     tokio::time::sleep(Duration::from_millis(100)).await;
     while inbound.in_flight() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -161,6 +164,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             inbound.in_flight()
         );
     }
+    // 3. Stop the app's way out, letting open requests finish.
+    stop_listeners.send_replace(true);
+    let _ = tokio::time::timeout_at(deadline.into(), outbound_task).await;
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!("stopped");

@@ -50,9 +50,6 @@ impl<T: Transport> Outbound<T> {
         request: Request<Incoming>,
     ) -> Result<(Response<Body>, String), (MeshError, String)> {
         let unknown = |e| (e, "unknown".to_string());
-        if self.shared.is_shutting_down() {
-            return Err(unknown(MeshError::ShuttingDown));
-        }
         if request.method() == http::Method::CONNECT {
             return Err(unknown(MeshError::Unsupported(
                 "CONNECT tunnels: send plain HTTP to the sidecar; it encrypts between sidecars"

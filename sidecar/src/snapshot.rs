@@ -91,6 +91,12 @@ impl Snapshot {
         if update.version == 0 {
             return Err("version 0 is reserved for `nothing applied`".into());
         }
+        if !update.full && update.base_version != self.version {
+            return Err(format!(
+                "delta {} applies on top of version {}, but version {} is applied; send it in full",
+                update.version, update.base_version, self.version
+            ));
+        }
         let mut services = if update.full {
             HashMap::new()
         } else {
@@ -120,6 +126,7 @@ impl Snapshot {
             full: true,
             services,
             removed_services: Vec::new(),
+            base_version: 0,
         }
     }
 
@@ -206,6 +213,7 @@ mod tests {
             full,
             services,
             removed_services: removed.iter().map(|s| s.to_string()).collect(),
+            base_version: if full { 0 } else { version - 1 },
         }
     }
 
@@ -256,6 +264,17 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("unknown field `hedging`"), "{err}");
         assert!(base.apply(&update(0, true, vec![], &[])).is_err());
+        // A delta whose base is not what is applied (an earlier delta was missed).
+        let v1 = base
+            .apply(&update(1, true, vec![resource("orders", &[])], &[]))
+            .unwrap();
+        let err = v1
+            .apply(&update(3, false, vec![], &["orders"]))
+            .unwrap_err();
+        assert!(
+            err.contains("on top of version 2, but version 1 is applied"),
+            "{err}"
+        );
         assert!(
             base.apply(&update(1, true, vec![resource("Bad", &[])], &[]))
                 .is_err()

@@ -156,6 +156,7 @@ impl SidecarApi for SkewedControl {
             full: true,
             services: vec![service(r#"{"timeout":"4s"}"#)],
             removed_services: vec![],
+            base_version: 0,
         };
         let bad = Update {
             version: 1001,
@@ -163,6 +164,7 @@ impl SidecarApi for SkewedControl {
             full: false,
             services: vec![service(r#"{"timeout":"1s","retries":{"attempts":3}}"#)],
             removed_services: vec![],
+            base_version: 1000,
         };
         let updates = [good, bad].map(|u| {
             Ok(ControlMessage {
@@ -300,16 +302,36 @@ async fn a_sidecar_restarted_without_a_control_plane_serves_from_its_disk_cache(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_in_flight_requests_then_exits_0() {
-    let mut p = pair("sigterm", 1).await;
+async fn sigterm_withdraws_at_once_finishes_in_flight_requests_then_exits_0() {
+    // A lease grace far longer than the test: leaving quickly must come from the withdrawal.
+    let mut p = pair_with("sigterm", 1, "60s").await;
     let outbound = p.web.addr("outbound");
     let client = p.client.clone();
     let slow = tokio::spawn(async move { get(&client, outbound, "orders", "/slow?ms=1500").await });
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let status = p.orders[0].1.terminate();
-    assert!(status.success(), "exit status {status:?}");
+    let sidecar_pid = p.orders[0].1.pid;
+    let (_app, mut sidecar) = p.orders.remove(0);
+    let terminated = tokio::task::spawn_blocking(move || sidecar.terminate());
+    let admin = p.web.addr("admin");
+    let withdrawn = Instant::now();
+    wait_until(
+        "web to drop the draining instance",
+        Duration::from_secs(10),
+        || async { endpoints(&p.client, admin, "orders").await.is_empty() },
+    )
+    .await;
+    eprintln!(
+        "withdrawn after {:?} (lease grace 60 s); sidecar pid {sidecar_pid}",
+        withdrawn.elapsed()
+    );
     let answer = slow.await.unwrap().unwrap();
-    assert_eq!((answer.status, answer.text().as_str()), (200, "slow"));
+    assert_eq!(
+        (answer.status, answer.text().as_str()),
+        (200, "slow"),
+        "the in-flight request finished"
+    );
+    let status = terminated.await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,11 +111,9 @@ async fn inbound_refuses_peers_without_a_mesh_certificate() {
         refused.is_err(),
         "a self-signed client got an answer: {refused:?}"
     );
-    let err = refused.unwrap_err();
-    assert!(
-        err.contains("certificate") || err.contains("closed") || err.contains("alert"),
-        "{err}"
-    );
+    // The refusal shows as a closed or lost connection, depending on timing; the sidecar's
+    // handshake-failure counter below is what proves it refused.
+    eprintln!("self-signed client: {}", refused.unwrap_err());
 
     let refused = try_request(inbound, None).await;
     assert!(

@@ -211,3 +211,91 @@ async fn unknown_service_gets_a_clear_error() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "400");
     let _ = Full::new(Bytes::new());
 }
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_or_a_vanished_client_cancels_the_request_upstream() {
+    let p = pair("cancel", 1).await;
+    let policy = p.mesh.dir().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "kind: Service\nname: orders\nspec: {timeout: 300ms}\n",
+    )
+    .unwrap();
+    assert!(
+        p.mesh
+            .sinewctl(&["apply", "-f", policy.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let web_admin = p.web.addr("admin");
+    wait_until(
+        "the 300ms timeout at web",
+        Duration::from_secs(10),
+        || async {
+            config(&p.client, web_admin).await["services"]["orders"]["policy"]["timeout"] == "300ms"
+        },
+    )
+    .await;
+    let outbound = p.web.addr("outbound");
+    for _ in 0..5 {
+        let answer = get(&p.client, outbound, "orders", "/slow?ms=5000")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 504);
+        assert_eq!(answer.header("sinew-error"), Some("timeout"));
+    }
+    let orders_admin = p.orders[0].1.addr("admin");
+    wait_until(
+        "the orders sidecar to cancel the 5 app requests",
+        Duration::from_secs(5),
+        || async {
+            let metrics = get(&p.client, orders_admin, "localhost", "/metrics")
+                .await
+                .unwrap()
+                .text();
+            counter(&metrics, "sinew_inbound_cancelled_total") >= 5.0
+        },
+    )
+    .await;
+
+    // A client that reads a little of an endless download and leaves.
+    let mut child = Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Host: orders",
+            "-o",
+            "/dev/null",
+            "--max-filesize",
+            "1",
+        ])
+        .arg(format!("http://{outbound}/bytes?n={}", 1u64 << 40))
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    wait_until(
+        "the orders sidecar to cancel the download",
+        Duration::from_secs(5),
+        || async {
+            let metrics = get(&p.client, orders_admin, "localhost", "/metrics")
+                .await
+                .unwrap()
+                .text();
+            counter(&metrics, "sinew_inbound_cancelled_total") >= 6.0
+        },
+    )
+    .await;
+    // The instance still serves.
+    let answer = get(&p.client, outbound, "orders", "/whoami").await.unwrap();
+    assert_eq!(answer.status, 200);
+}

@@ -157,11 +157,21 @@ pub async fn send_body(mut body: Body, send: &mut SendStream) -> Result<(), Fram
 
 /// Turns the rest of a stream (DATA*, TRAILERS?) into an HTTP body. A task reads the stream
 /// and hands frames over a channel of one, so the reader never runs ahead of the consumer.
-/// When the consumer drops the body, the stream is stopped (the peer sees a cancellation).
-pub fn recv_body(mut recv: RecvStream, size_hint: Option<u64>) -> Body {
+/// When the consumer drops the body, the stream is stopped at once, even while the peer is
+/// silent (the peer sees a cancellation). `guard` is dropped when the body ends, however it
+/// ends: the caller ties the other direction's lifetime to it.
+pub fn recv_body<G: Send + 'static>(
+    mut recv: RecvStream,
+    size_hint: Option<u64>,
+    guard: G,
+) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
     tokio::spawn(async move {
-        let result = pump_frames(&mut recv, &tx).await;
+        let result = tokio::select! {
+            result = pump_frames(&mut recv, &tx) => result,
+            _ = tx.closed() => Err(FrameError::Protocol("body consumer went away".into())),
+        };
+        drop(guard);
         match result {
             Ok(()) => {}
             Err(FrameError::End) => {}

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+/// A pooled connection is for one address *and* the identity expected there: if the control
+/// plane says another service now lives at an address, the old connection is not reused.
+type PoolKey = (SocketAddr, String);
 
 /// The client half: pooled, mutually authenticated connections to peer sidecars.
 pub struct QuicTransport {
@@ -20,7 +23,7 @@ pub struct QuicTransport {
     config: quinn::ClientConfig,
     /// One slot per peer address. The std mutex guards only the map (never held across an
     /// await); a slot's async mutex makes concurrent first requests share one handshake.
-    pool: Mutex<HashMap<SocketAddr, Slot>>,
+    pool: Mutex<HashMap<PoolKey, Slot>>,
 }
 
 impl QuicTransport {
@@ -51,7 +54,9 @@ impl QuicTransport {
     ) -> Result<Connection, TransportError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.entry(target.addr).or_default().clone()
+            pool.entry((target.addr, target.identity.clone()))
+                .or_default()
+                .clone()
         };
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref()
@@ -110,9 +115,9 @@ impl QuicTransport {
         }
     }
 
-    fn evict(&self, addr: SocketAddr, conn: &Connection) {
+    fn evict(&self, target: &Target, conn: &Connection) {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = pool.get(&addr)
+        if let Some(slot) = pool.get(&(target.addr, target.identity.clone()))
             && let Ok(mut guard) = slot.try_lock()
             && guard
                 .as_ref()
@@ -149,9 +154,21 @@ impl QuicTransport {
         frame::write_message(&mut send, frame::HEAD, &head)
             .await
             .map_err(|e| classify(addr, e))?;
+        // The request body streams on its own task. It is reset (not finished: the peer must
+        // not take a truncated body for a whole one) when the exchange is abandoned: dropped
+        // before the response head (timeout, client gone) or, later, when the response body
+        // ends or is dropped, which holds `cancel` from then on.
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            if let Err(e) = frame::send_body(body, &mut send).await {
-                tracing::debug!("request body to {addr} ended early: {e}");
+            tokio::select! {
+                result = frame::send_body(body, &mut send) => {
+                    if let Err(e) = result {
+                        tracing::debug!("request body to {addr} ended early: {e}");
+                    }
+                }
+                _ = cancelled => {
+                    let _ = send.reset(frame::CANCELLED);
+                }
             }
         });
         let head: ResponseHead = frame::read_head(&mut recv)
@@ -166,7 +183,7 @@ impl QuicTransport {
         *response.headers_mut() = frame::from_proto_headers(&head.headers)
             .map_err(|detail| TransportError::Reset { addr, detail })?;
         let length = content_length(response.headers());
-        *response.body_mut() = frame::recv_body(recv, length);
+        *response.body_mut() = frame::recv_body(recv, length, cancel);
         Ok(response)
     }
 }
@@ -182,7 +199,7 @@ impl Transport for QuicTransport {
         if let Err(e) = &result
             && (conn.close_reason().is_some() || e.is_connect_failure())
         {
-            self.evict(target.addr, &conn);
+            self.evict(target, &conn);
         }
         result
     }
@@ -239,7 +256,7 @@ pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Bo
         .parse()
         .map_err(|_| FrameError::Protocol(format!("invalid path {:?}", head.path)))?;
     let length = content_length(&headers);
-    let mut request = Request::new(frame::recv_body(recv, length));
+    let mut request = Request::new(frame::recv_body(recv, length, ()));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
