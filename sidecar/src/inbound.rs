@@ -108,8 +108,7 @@ impl Inbound {
                 e.into_response()
             }),
             _ = &mut stopped => {
-                tracing::debug!("{caller} cancelled a request before the app answered");
-                metrics::counter!("sinew_inbound_cancelled_total").increment(1);
+                cancelled(&caller, "before the app answered");
                 return;
             }
         };
@@ -120,15 +119,15 @@ impl Inbound {
             started.elapsed(),
         );
         tokio::select! {
-            result = quic::write_response(&mut send, response) => {
-                if let Err(e) = result {
-                    tracing::debug!("response to {caller} ended early: {e}");
+            result = quic::write_response(&mut send, response) => match result {
+                Ok(()) => {}
+                // The caller stopped reading; writing noticed before `stopped` did.
+                Err(frame::FrameError::Write(quinn::WriteError::Stopped(_))) => {
+                    cancelled(&caller, "while the response streamed");
                 }
-            }
-            _ = &mut stopped => {
-                tracing::debug!("{caller} cancelled a response while it streamed");
-                metrics::counter!("sinew_inbound_cancelled_total").increment(1);
-            }
+                Err(e) => tracing::debug!("response to {caller} ended early: {e}"),
+            },
+            _ = &mut stopped => cancelled(&caller, "while the response streamed"),
         }
     }
 
@@ -184,6 +183,12 @@ impl Inbound {
             .map_err(|e| MeshError::AppUnreachable(format!("{}: {e}", self.app_addr)))?;
         Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()))
     }
+}
+
+/// The caller gave up on a request (its timeout fired, its client went away).
+fn cancelled(caller: &str, when: &str) {
+    tracing::debug!("{caller} cancelled a request {when}");
+    metrics::counter!("sinew_inbound_cancelled_total").increment(1);
 }
 
 /// Counts a request as in flight until dropped, however the request ends.

@@ -298,6 +298,16 @@ impl Mesh {
             .unwrap()
     }
 
+    /// `sinewctl apply -f` of `yaml` (written to a file in the scratch dir).
+    pub fn apply(&self, yaml: &str) -> std::process::Output {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let file = self
+            .dir()
+            .join(format!("policy-{}.yaml", N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&file, yaml).unwrap();
+        self.sinewctl(&["apply", "-f", file.to_str().unwrap()])
+    }
+
     /// An app (sinew-testapp) on an ephemeral port.
     pub fn app(&self, instance: &str) -> Proc {
         let mut command = Command::new(bin("sinew-testapp"));
@@ -478,4 +488,16 @@ pub async fn pair_with(test: &str, n: usize, lease_grace: &'static str) -> Pair 
         orders,
         client,
     }
+}
+
+/// The sum of a metric's samples (all label sets) on a sidecar's `/metrics`.
+pub async fn metric(client: &HttpClient, admin: SocketAddr, name: &str) -> f64 {
+    let text = get(client, admin, "localhost", "/metrics")
+        .await
+        .unwrap()
+        .text();
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
 }

@@ -94,17 +94,10 @@ async fn applied_policy_reaches_the_sidecar_and_is_acked_invalid_policy_is_refus
     assert_eq!(version(&p, &p.web).await, applied);
 
     // A policy that forbids web is enforced by the orders sidecar.
-    std::fs::write(
-        &policy,
-        "kind: Service\nname: orders\nspec: {allow: [billing]}\n",
-    )
-    .unwrap();
-    assert!(
-        p.mesh
-            .sinewctl(&["apply", "-f", policy.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let applied = p
+        .mesh
+        .apply("kind: Service\nname: orders\nspec: {allow: [billing]}\n");
+    assert!(applied.status.success(), "{applied:?}");
     let orders_admin = p.orders[0].1.addr("admin");
     wait_until(
         "orders to receive the allow list",

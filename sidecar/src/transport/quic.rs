@@ -157,20 +157,27 @@ impl QuicTransport {
         // The request body streams on its own task. It is reset (not finished: the peer must
         // not take a truncated body for a whole one) when the exchange is abandoned: dropped
         // before the response head (timeout, client gone) or, later, when the response body
-        // ends or is dropped, which holds `cancel` from then on.
-        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = frame::send_body(body, &mut send) => {
-                    if let Err(e) = result {
-                        tracing::debug!("request body to {addr} ended early: {e}");
+        // ends or is dropped, which holds `cancel` from then on. A request without a body
+        // (most GETs) needs no task: the stream's sending side just ends after the head.
+        let cancel = if http_body::Body::is_end_stream(&body) {
+            let _ = send.finish();
+            None
+        } else {
+            let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                tokio::select! {
+                    result = frame::send_body(body, &mut send) => {
+                        if let Err(e) = result {
+                            tracing::debug!("request body to {addr} ended early: {e}");
+                        }
+                    }
+                    _ = cancelled => {
+                        let _ = send.reset(frame::CANCELLED);
                     }
                 }
-                _ = cancelled => {
-                    let _ = send.reset(frame::CANCELLED);
-                }
-            }
-        });
+            });
+            Some(cancel)
+        };
         let head: ResponseHead = frame::read_head(&mut recv)
             .await
             .map_err(|e| classify(addr, e))?;
