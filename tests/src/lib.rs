@@ -50,8 +50,11 @@ pub fn bin(name: &str) -> PathBuf {
         command
             .args(["build", "--workspace", "--bins"])
             .current_dir(workspace_root());
-        if profile_dir().ends_with("release") {
-            command.arg("--release");
+        // The same profile as this binary: target/<profile>/ (debug is cargo's `dev`).
+        let dir = profile_dir();
+        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        if profile != "debug" {
+            command.args(["--profile", profile]);
         }
         let status = command.status().expect("running cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");

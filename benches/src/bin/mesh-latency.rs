@@ -1,8 +1,11 @@
 //! Sequential request latency: directly to an app, and through two sidecars (the mesh), in
 //! one run on the same machine. Also each sidecar's RSS idle and after the run.
 //!
-//!     cargo run --release -p sinew-bench --bin mesh-latency -- [REQUESTS]
+//!     cargo build --release --workspace && target/release/mesh-latency [REQUESTS]
 //!
+//! (Build the whole workspace first: `cargo run -p sinew-bench` alone resolves features for
+//! fewer packages, and the binaries it then needs would be rebuilt on every run.)
+//! `SINEW_THREADS=1` in the environment gives each sidecar one worker thread.
 //! Builds and starts a real control plane, two sidecars and the test app (release binaries
 //! when run with --release). Requests are sent one at a time over one keep-alive connection,
 //! interleaved in rounds of 100 (direct, mesh, direct, ...) so drift on a shared machine hits
