@@ -66,7 +66,7 @@ impl Document {
 }
 
 /// `kind: Service`: how a service is called and who may call it. Every field is optional.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSpec {
     /// Overall time for one request to this service, from the caller's sidecar receiving it
@@ -84,6 +84,10 @@ pub struct ServiceSpec {
     /// (scoping: a sidecar's memory does not grow with the mesh). Default: unset, every service.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calls: Option<Vec<String>>,
+    /// Retrying a failed try on another instance, always under a budget.
+    pub retries: RetryPolicy,
+    /// Ejecting instances that keep failing, and probing them back.
+    pub outlier: OutlierPolicy,
 }
 
 impl Default for ServiceSpec {
@@ -93,6 +97,84 @@ impl Default for ServiceSpec {
             connect_timeout: Duration::from_secs(1),
             allow: Vec::new(),
             calls: None,
+            retries: RetryPolicy::default(),
+            outlier: OutlierPolicy::default(),
+        }
+    }
+}
+
+/// `spec.retries`. A try is retried, on another instance when there is one, when it failed
+/// before reaching the app (connect failure, refused by the peer), or when its per-try
+/// timeout fired and the method is idempotent and the request has no body. Retries spend a
+/// budget, so a full outage never multiplies the load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included; `1` turns retries off. Default `2`.
+    pub attempts: u32,
+    /// Time for one try. Unset (the default): only `timeout` bounds the tries.
+    #[serde(
+        with = "duration::serde_text_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    pub budget: RetryBudgetPolicy,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            budget: RetryBudgetPolicy::default(),
+        }
+    }
+}
+
+/// `spec.retries.budget`: retries may add at most `ratio` of the request rate plus
+/// `min_per_second` (over a 10 s window). Defaults `0.2` and `10`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetPolicy {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetPolicy {
+    fn default() -> Self {
+        RetryBudgetPolicy {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
+}
+
+/// `spec.outlier`: an instance with `consecutive_failures` failures in a row (connect
+/// failures, resets, timeouts, 5xx) is ejected for `base_ejection`, doubling with each
+/// ejection up to `max_ejection`; then one probe request decides. At most
+/// `max_ejection_percent` of a service's instances are ejected at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierPolicy {
+    /// Default `5`.
+    pub consecutive_failures: u32,
+    /// Default `5s`.
+    #[serde(with = "duration::serde_text")]
+    pub base_ejection: Duration,
+    /// Default `60s`.
+    #[serde(with = "duration::serde_text")]
+    pub max_ejection: Duration,
+    /// Default `50`.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(60),
+            max_ejection_percent: 50,
         }
     }
 }
@@ -136,6 +218,50 @@ impl ServiceSpec {
             ));
         }
         check_names("spec.allow", &self.allow)?;
+        let r = &self.retries;
+        if !(1..=10).contains(&r.attempts) {
+            return Err((
+                "spec.retries.attempts".into(),
+                "must be between 1 and 10".into(),
+            ));
+        }
+        if r.per_try_timeout.is_some_and(|t| t.is_zero() || t > max) {
+            return Err((
+                "spec.retries.per_try_timeout".into(),
+                "must be between 1ms and 1h".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.budget.ratio) {
+            return Err((
+                "spec.retries.budget.ratio".into(),
+                "must be between 0 and 1".into(),
+            ));
+        }
+        if r.budget.min_per_second > 10_000 {
+            return Err((
+                "spec.retries.budget.min_per_second".into(),
+                "must be at most 10000".into(),
+            ));
+        }
+        let o = &self.outlier;
+        if o.consecutive_failures == 0 {
+            return Err((
+                "spec.outlier.consecutive_failures".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if o.base_ejection.is_zero() || o.base_ejection > o.max_ejection || o.max_ejection > max {
+            return Err((
+                "spec.outlier.base_ejection".into(),
+                "must be at least 1ms and at most spec.outlier.max_ejection (at most 1h)".into(),
+            ));
+        }
+        if o.max_ejection_percent > 100 {
+            return Err((
+                "spec.outlier.max_ejection_percent".into(),
+                "must be between 0 and 100".into(),
+            ));
+        }
         if let Some(calls) = &self.calls {
             check_names("spec.calls", calls)?;
         }
@@ -316,6 +442,21 @@ mod tests {
         assert_eq!(ServiceSpec::from_json(""), Ok(ServiceSpec::default()));
         let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedge":"on"}"#).unwrap_err();
         assert!(err.reason.contains("unknown field `hedge`"), "{err}");
+        let err = ServiceSpec::from_json(r#"{"retries":{"attempts":0}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.retries.attempts");
+        let err = ServiceSpec::from_json(r#"{"retries":{"budget":{"ratio":2}}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.retries.budget.ratio");
+        let err = ServiceSpec::from_json(r#"{"outlier":{"base_ejection":"2m"}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.outlier.base_ejection");
+        let spec =
+            ServiceSpec::from_json(r#"{"retries":{"attempts":3,"per_try_timeout":"200ms"}}"#)
+                .unwrap();
+        assert_eq!(
+            spec.retries.per_try_timeout,
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(spec.retries.budget, RetryBudgetPolicy::default());
+        assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
         let err = ServiceSpec::from_json(r#"{"timeout":"0ms"}"#).unwrap_err();
         assert_eq!(err.path, "spec.timeout");
     }

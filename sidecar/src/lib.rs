@@ -9,13 +9,16 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod balance;
 pub mod config;
 pub mod control;
+pub mod endpoint;
 pub mod errors;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod resilience;
 pub mod snapshot;
 pub mod state;
 pub mod transport;

@@ -4,19 +4,23 @@
 //!
 //! 1. name the service (`orders`, `orders:8080`, `http://orders/...` all mean `orders`);
 //! 2. look it up in the snapshot (one lock-free load);
-//! 3. pick an endpoint;
-//! 4. strip what the app may not claim (a caller identity) and hop-by-hop headers;
-//! 5. send it over the transport, under the service's timeout;
-//! 6. map a failure to a `sinew-error` response, and record metrics.
+//! 3. strip what the app may not claim (a caller identity) and hop-by-hop headers;
+//! 4. for each try, under the service's overall timeout: pick an endpoint (P2C over peak-EWMA
+//!    cost, ejected endpoints left out, one probe when an ejection ends), send it over the
+//!    transport under the per-try timeout, feed the outcome to the endpoint's latency and
+//!    outlier state, and retry on another endpoint when that is safe and the budget allows;
+//! 5. map a failure to a `sinew-error` response, and record metrics.
 
 use crate::errors::MeshError;
+use crate::snapshot::{Endpoint, Service};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError, Transport, TransportError};
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The header the inbound sets to the caller's verified SPIFFE id. Never taken from an app.
 pub const CALLER_HEADER: &str = "sinew-caller";
@@ -66,30 +70,141 @@ impl<T: Transport> Outbound<T> {
             .cloned()
             .ok_or_else(|| unknown(MeshError::UnknownService(name.clone())))?;
         let failed = |e| (e, service.name.clone());
-        let endpoint = service
-            .pick()
-            .cloned()
-            .ok_or_else(|| failed(MeshError::NoEndpoints(name.clone())))?;
         let request = rewrite(request, &name).map_err(failed)?;
-        let timeout = service.policy.timeout;
-        let response =
-            tokio::time::timeout(timeout, self.transport.send(&endpoint.target, request))
-                .await
-                .map_err(|_| {
-                    failed(MeshError::Timeout {
-                        service: name.clone(),
-                        after: timeout,
-                    })
-                })?
-                .map_err(|e| {
-                    failed(match e {
-                        TransportError::Connect { .. } => MeshError::ConnectFailure(e.to_string()),
-                        TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
-                        TransportError::Reset { .. } => MeshError::UpstreamReset(e.to_string()),
-                    })
-                })?;
+        let response = self.tries(&service, request).await.map_err(failed)?;
         Ok((response, service.name.clone()))
     }
+
+    /// Sends the request, retrying under the budget, until one try answers or no try is
+    /// left. A try is retried on another endpoint when nothing of it reached the app
+    /// (connect failure, refused), or when its per-try timeout fired and the method is
+    /// idempotent. Only a request without a body is sent again (a body is streamed once;
+    /// replaying small bodies from a buffer is a next step). A 5xx answer is returned as is.
+    async fn tries(
+        &self,
+        service: &Service,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, MeshError> {
+        let policy = &service.policy;
+        let started = Instant::now();
+        let deadline = started + policy.timeout;
+        service.state.deposit(started);
+        let replayable = request.body().is_end_stream();
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        let attempts = if replayable {
+            policy.retries.attempts.max(1)
+        } else {
+            1
+        };
+        let (parts, body) = request.into_parts();
+        let mut body = Some(body);
+        let mut tried = Vec::with_capacity(attempts as usize);
+        let peer = service.name.clone();
+        for attempt in 1..=attempts {
+            let now = Instant::now();
+            let remaining = deadline.saturating_duration_since(now);
+            let timeout_error = |after| MeshError::Timeout {
+                service: peer.clone(),
+                after,
+            };
+            if remaining.is_zero() {
+                return Err(timeout_error(policy.timeout));
+            }
+            let index = service
+                .pick(now, &tried)
+                .ok_or_else(|| MeshError::NoEndpoints(peer.clone()))?;
+            tried.push(index);
+            let endpoint = &service.endpoints[index];
+            let try_body = if replayable {
+                Body::default()
+            } else {
+                body.take().unwrap_or_default()
+            };
+            let mut request = Request::new(try_body);
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = parts.uri.clone();
+            *request.version_mut() = parts.version;
+            *request.headers_mut() = parts.headers.clone();
+            let try_timeout = policy
+                .retries
+                .per_try_timeout
+                .map_or(remaining, |t| t.min(remaining));
+
+            let in_flight = endpoint.state.begin();
+            let result =
+                tokio::time::timeout(try_timeout, self.transport.send(&endpoint.target, request))
+                    .await;
+            drop(in_flight);
+            let done = Instant::now();
+            // A try that ran out of time counts its time in the latency estimate, so the
+            // balancer moves away from an instance that stopped answering even before the
+            // outlier detector ejects it.
+            let mut rtt = None;
+            let (error, retryable) = match result {
+                Ok(Ok(response)) => {
+                    let ok = !response.status().is_server_error();
+                    if endpoint
+                        .state
+                        .record(ok, Some(done - now), done, &policy.outlier)
+                    {
+                        ejected(&peer, endpoint);
+                    }
+                    return Ok(response);
+                }
+                Ok(Err(e)) => {
+                    let retryable = e.is_connect_failure();
+                    (
+                        match e {
+                            TransportError::Connect { .. } => {
+                                MeshError::ConnectFailure(e.to_string())
+                            }
+                            TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
+                            TransportError::Reset { .. } => MeshError::UpstreamReset(e.to_string()),
+                        },
+                        retryable,
+                    )
+                }
+                Err(_) if done >= deadline => {
+                    rtt = Some(done - now);
+                    (timeout_error(policy.timeout), false)
+                }
+                Err(_) => {
+                    rtt = Some(done - now);
+                    (timeout_error(try_timeout), idempotent)
+                }
+            };
+            if endpoint.state.record(false, rtt, done, &policy.outlier) {
+                ejected(&peer, endpoint);
+            }
+            if !retryable || attempt == attempts {
+                return Err(error);
+            }
+            if !service.state.try_retry(done) {
+                metrics::counter!("sinew_retries_budget_exhausted_total", "peer" => peer.clone())
+                    .increment(1);
+                return Err(error);
+            }
+            metrics::counter!("sinew_retries_total", "peer" => peer.clone()).increment(1);
+            tracing::debug!(%peer, attempt, "retrying after: {error}");
+            // A short jittered pause, so retries of many requests do not arrive in lockstep.
+            let pause = Duration::from_millis(fastrand::u64(0..=(10u64 << (attempt - 1).min(4))));
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+        Err(MeshError::NoEndpoints(peer))
+    }
+}
+
+fn ejected(peer: &str, endpoint: &Endpoint) {
+    metrics::counter!("sinew_outlier_ejections_total", "peer" => peer.to_string()).increment(1);
+    tracing::info!(%peer, endpoint = %endpoint.target.addr, node = %endpoint.node_id, "ejected");
 }
 
 /// The mesh service a request is for: the URI's host (absolute form, or h2's `:authority`),

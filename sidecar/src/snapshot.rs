@@ -2,6 +2,9 @@
 //! endpoints. Readers take it with one lock-free load (`ArcSwap`); an Update builds a new
 //! snapshot beside the old one and swaps it in whole, or is refused and changes nothing.
 
+use crate::balance::p2c;
+use crate::endpoint::{EndpointState, ServiceState};
+use crate::resilience::State;
 use crate::transport::Target;
 use prost::Message;
 use sinew_proto::policy::{ServiceSpec, validate_name};
@@ -10,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -24,9 +27,10 @@ pub struct Service {
     pub name: String,
     pub policy: ServiceSpec,
     pub endpoints: Vec<Endpoint>,
+    /// The retry budget, carried over from the previous snapshot.
+    pub state: Arc<ServiceState>,
     /// The resource as received, kept for the disk cache and `/config`.
     resource: ServiceResource,
-    next: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -34,19 +38,61 @@ pub struct Endpoint {
     pub node_id: String,
     pub zone: String,
     pub target: Target,
+    /// Load, latency and health, carried over from the previous snapshot.
+    pub state: Arc<EndpointState>,
 }
 
 impl Service {
-    /// Round robin over the endpoints. (The P2C-EWMA balancer replaces this.)
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
+    /// Picks the endpoint for one try. An endpoint whose ejection ran out goes first: one
+    /// probe request decides whether it is back. Otherwise power of two choices by cost
+    /// (peak-EWMA latency × requests in flight) over the endpoints that are not ejected and
+    /// that this request has not tried yet. When more than `max_ejection_percent` are
+    /// ejected, or none is left, it balances across all of them (panic mode): an ejection
+    /// must never turn a degraded service into an unavailable one.
+    pub fn pick(&self, now: Instant, tried: &[usize]) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.endpoints.get(i % self.endpoints.len())
+        let mut ready = Vec::with_capacity(n);
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            match endpoint.state.state(now) {
+                State::Probe => return Some(i),
+                State::Ready => ready.push(i),
+                _ => {}
+            }
+        }
+        let ejected = n - ready.len();
+        let allowed = n * self.policy.outlier.max_ejection_percent as usize / 100;
+        let mut candidates = if ready.is_empty() || ejected > allowed {
+            metrics::counter!("sinew_balancer_panic_total", "peer" => self.name.clone())
+                .increment(1);
+            (0..n).collect()
+        } else {
+            ready
+        };
+        let untried: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|i| !tried.contains(i))
+            .collect();
+        if !untried.is_empty() {
+            candidates = untried;
+        }
+        p2c::pick(
+            candidates.len(),
+            |k| self.endpoints[candidates[k]].state.cost(now),
+            |m| fastrand::usize(..m),
+        )
+        .map(|k| candidates[k])
     }
 
-    fn from_resource(resource: ServiceResource) -> Result<Service, String> {
+    /// Builds a service from its resource, taking over what `previous` learned.
+    fn from_resource(
+        resource: ServiceResource,
+        previous: Option<&Service>,
+        now: Instant,
+    ) -> Result<Service, String> {
         let name = resource.name.clone();
         validate_name(&name).map_err(|e| format!("service name: {e}"))?;
         let policy = ServiceSpec::from_json(&resource.policy_json)
@@ -65,6 +111,13 @@ impl Service {
                     ep.identity
                 ));
             }
+            let state = previous
+                .and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|e| e.target.addr == addr && e.target.identity == ep.identity)
+                })
+                .map_or_else(|| Arc::new(EndpointState::new(now)), |e| e.state.clone());
             endpoints.push(Endpoint {
                 node_id: ep.node_id.clone(),
                 zone: ep.zone.clone(),
@@ -73,14 +126,19 @@ impl Service {
                     identity: ep.identity.clone(),
                     connect_timeout: policy.connect_timeout,
                 },
+                state,
             });
         }
+        let state = previous
+            .map(|p| p.state.clone())
+            .filter(|s| s.fits(&policy.retries.budget))
+            .unwrap_or_else(|| Arc::new(ServiceState::new(&policy.retries.budget)));
         Ok(Service {
             name,
             policy,
             endpoints,
+            state,
             resource,
-            next: AtomicUsize::new(0),
         })
     }
 }
@@ -88,6 +146,7 @@ impl Service {
 impl Snapshot {
     /// Builds the snapshot that `update` leads to, or says why it cannot be applied.
     pub fn apply(&self, update: &Update) -> Result<Snapshot, String> {
+        let now = Instant::now();
         if update.version == 0 {
             return Err("version 0 is reserved for `nothing applied`".into());
         }
@@ -106,7 +165,11 @@ impl Snapshot {
             services.remove(name);
         }
         for resource in &update.services {
-            let service = Service::from_resource(resource.clone())?;
+            let service = Service::from_resource(
+                resource.clone(),
+                self.services.get(&resource.name).map(|s| &**s),
+                now,
+            )?;
             services.insert(service.name.clone(), Arc::new(service));
         }
         Ok(Snapshot {
@@ -282,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_covers_every_endpoint() {
+    fn pick_spreads_over_endpoints_skips_tried_ones_and_state_survives_updates() {
         let s = Snapshot::default()
             .apply(&update(
                 1,
@@ -292,14 +355,40 @@ mod tests {
             ))
             .unwrap();
         let orders = &s.services["orders"];
-        let picked: Vec<u16> = (0..4)
-            .map(|_| orders.pick().unwrap().target.addr.port())
-            .collect();
-        assert_eq!(picked, [1, 2, 1, 2]);
+        let now = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            seen.insert(orders.pick(now, &[]).unwrap());
+        }
+        assert_eq!(seen.len(), 2, "both endpoints are picked");
+        for _ in 0..20 {
+            assert_eq!(orders.pick(now, &[0]), Some(1), "a retry goes elsewhere");
+        }
+        assert!(
+            orders.pick(now, &[0, 1]).is_some(),
+            "all tried: any will do"
+        );
+        let state = orders.endpoints[1].state.clone();
+        let s2 = s
+            .apply(&update(
+                2,
+                false,
+                vec![resource("orders", &["127.0.0.1:2", "127.0.0.1:3"])],
+                &[],
+            ))
+            .unwrap();
+        assert!(
+            Arc::ptr_eq(&s2.services["orders"].endpoints[0].state, &state),
+            "kept"
+        );
+        assert!(
+            Arc::ptr_eq(&s2.services["orders"].state, &orders.state),
+            "budget kept"
+        );
         let empty = Snapshot::default()
             .apply(&update(1, true, vec![resource("web", &[])], &[]))
             .unwrap();
-        assert!(empty.services["web"].pick().is_none());
+        assert!(empty.services["web"].pick(now, &[]).is_none());
     }
 
     #[test]

@@ -504,3 +504,70 @@ pub async fn metric(client: &HttpClient, admin: SocketAddr, name: &str) -> f64 {
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum()
 }
+
+/// What an open-loop load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub sent: usize,
+    pub ok: usize,
+    /// Failed requests: status (0 when no response at all) and `sinew-error`, if any.
+    pub failures: Vec<(u16, String)>,
+    pub latencies: Vec<Duration>,
+}
+
+impl LoadReport {
+    pub fn success_ratio(&self) -> f64 {
+        self.ok as f64 / self.sent.max(1) as f64
+    }
+}
+
+/// Sends `GET <path>` with `Host: <host>` at a fixed rate for `duration` (open loop: each
+/// request leaves at its scheduled time whether or not earlier ones have answered), calling
+/// `at` with the elapsed time once per request sent so a test can inject faults mid-run.
+/// Bounded: `rps × duration` requests, each with a 30 s timeout.
+pub async fn steady_load<F>(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    rps: u32,
+    duration: Duration,
+    mut at: F,
+) -> LoadReport
+where
+    F: FnMut(Duration),
+{
+    let client = http_client();
+    let total = (f64::from(rps) * duration.as_secs_f64()) as usize;
+    let interval = Duration::from_secs(1) / rps.max(1);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        at(start.elapsed());
+        let client = client.clone();
+        let host = host.to_string();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let answer = get(&client, addr, &host, &path).await;
+            (answer, sent.elapsed())
+        }));
+    }
+    let mut report = LoadReport {
+        sent: total,
+        ..LoadReport::default()
+    };
+    for task in tasks {
+        let (answer, latency) = task.await.unwrap();
+        report.latencies.push(latency);
+        match answer {
+            Ok(a) if a.status == 200 => report.ok += 1,
+            Ok(a) => report.failures.push((
+                a.status,
+                a.header("sinew-error").unwrap_or_default().to_string(),
+            )),
+            Err(e) => report.failures.push((0, e.to_string())),
+        }
+    }
+    report
+}

@@ -155,7 +155,7 @@ impl SidecarApi for SkewedControl {
             version: 1001,
             nonce: "b".into(),
             full: false,
-            services: vec![service(r#"{"timeout":"1s","retries":{"attempts":3}}"#)],
+            services: vec![service(r#"{"timeout":"1s","mirror":{"to":"shadow"}}"#)],
             removed_services: vec![],
             base_version: 1000,
         };
@@ -219,7 +219,7 @@ async fn an_update_the_sidecar_cannot_apply_is_nacked_and_the_last_good_one_serv
     };
     assert_eq!((nack.version, nack.nonce.as_str()), (1001, "b"));
     assert!(
-        nack.error.contains("unknown field `retries`"),
+        nack.error.contains("unknown field `mirror`"),
         "{}",
         nack.error
     );

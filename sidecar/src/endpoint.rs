@@ -1,0 +1,132 @@
+//! What the outbound learns about each endpoint and service, kept across configuration
+//! updates: load (requests in flight), latency (peak EWMA), health (outlier ejection), and
+//! per service the retry budget. A new snapshot takes these over from the previous one for
+//! every endpoint it keeps, so an update never makes the balancer forget.
+//!
+//! Each piece is a plain struct that takes `now` (in `balance` and `resilience`); this
+//! module only puts them behind per-endpoint locks, held for a few instructions and never
+//! across an await.
+
+use crate::balance::PeakEwma;
+use crate::resilience::{Outlier, OutlierConfig, RetryBudget, State};
+use sinew_proto::policy::{OutlierPolicy, RetryBudgetPolicy};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One endpoint's load, latency and health.
+#[derive(Debug)]
+pub struct EndpointState {
+    in_flight: AtomicUsize,
+    ewma: Mutex<PeakEwma>,
+    outlier: Mutex<Outlier>,
+}
+
+impl EndpointState {
+    pub fn new(now: Instant) -> Self {
+        EndpointState {
+            in_flight: AtomicUsize::new(0),
+            ewma: Mutex::new(PeakEwma::new(
+                crate::balance::DEFAULT_RTT,
+                crate::balance::DECAY,
+                now,
+            )),
+            outlier: Mutex::new(Outlier::new(now)),
+        }
+    }
+
+    /// The balancer's cost: latency estimate weighted by requests in flight.
+    pub fn cost(&self, now: Instant) -> f64 {
+        lock(&self.ewma).cost(now, self.in_flight.load(Ordering::Relaxed))
+    }
+
+    /// Whether the endpoint may take a request (an ended ejection yields one probe).
+    pub fn state(&self, now: Instant) -> State {
+        lock(&self.outlier).state(now)
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Records a try's outcome; `rtt` is the time to the response head when there was one.
+    /// Returns true when this outcome ejected the endpoint.
+    pub fn record(
+        &self,
+        ok: bool,
+        rtt: Option<Duration>,
+        now: Instant,
+        policy: &OutlierPolicy,
+    ) -> bool {
+        if let Some(rtt) = rtt {
+            lock(&self.ewma).observe(rtt, now);
+        }
+        let config = outlier_config(policy);
+        lock(&self.outlier)
+            .on_result(ok, now, &config, fastrand::f64())
+            .is_some()
+    }
+}
+
+fn outlier_config(policy: &OutlierPolicy) -> OutlierConfig {
+    OutlierConfig {
+        consecutive_failures: policy.consecutive_failures,
+        base_ejection: policy.base_ejection,
+        max_ejection: policy.max_ejection,
+        ..OutlierConfig::default()
+    }
+}
+
+/// A request in flight to an endpoint.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One service's retry budget.
+#[derive(Debug)]
+pub struct ServiceState {
+    budget: Mutex<RetryBudget>,
+    policy: RetryBudgetPolicy,
+}
+
+impl ServiceState {
+    pub fn new(policy: &RetryBudgetPolicy) -> Self {
+        ServiceState {
+            budget: Mutex::new(RetryBudget::new(
+                policy.ratio,
+                policy.min_per_second,
+                BUDGET_WINDOW,
+            )),
+            policy: policy.clone(),
+        }
+    }
+
+    /// Whether this state can serve `policy` (a changed budget starts afresh).
+    pub fn fits(&self, policy: &RetryBudgetPolicy) -> bool {
+        self.policy == *policy
+    }
+
+    /// An original request: it earns the budget its share.
+    pub fn deposit(&self, now: Instant) {
+        lock(&self.budget).deposit(now);
+    }
+
+    /// A retry: spends from the budget, if there is any left.
+    pub fn try_retry(&self, now: Instant) -> bool {
+        lock(&self.budget).try_withdraw(now)
+    }
+}
+
+/// The window the retry budget counts requests and retries over.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
