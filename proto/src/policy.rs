@@ -118,7 +118,25 @@ pub struct RetryPolicy {
         skip_serializing_if = "Option::is_none"
     )]
     pub per_try_timeout: Option<Duration>,
+    /// More reasons to retry: status codes (`503`, `429`, ...), `reset` (the stream broke
+    /// before the response head; idempotent methods only) and `unavailable` (gRPC status 14
+    /// in a trailers-only answer). Default `[]`: only what never reached the app, and per-try
+    /// timeouts of idempotent methods.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<RetryOn>,
     pub budget: RetryBudgetPolicy,
+}
+
+/// One entry of `spec.retries.on`: a status code or a named condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RetryOn {
+    Status(u16),
+    Condition(String),
+}
+
+impl RetryOn {
+    pub const CONDITIONS: [&'static str; 2] = ["reset", "unavailable"];
 }
 
 impl Default for RetryPolicy {
@@ -126,6 +144,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
+            on: Vec::new(),
             budget: RetryBudgetPolicy::default(),
         }
     }
@@ -166,6 +185,12 @@ pub struct OutlierPolicy {
     pub max_ejection: Duration,
     /// Default `50`.
     pub max_ejection_percent: u32,
+    /// The second trigger: eject an instance when more than this percentage of its requests
+    /// failed over the last 10 s... Default `50`.
+    pub failure_percent: u32,
+    /// ...counting only instances with at least this many requests in that window.
+    /// Default `20`.
+    pub min_requests: u32,
 }
 
 impl Default for OutlierPolicy {
@@ -175,6 +200,8 @@ impl Default for OutlierPolicy {
             base_ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(60),
             max_ejection_percent: 50,
+            failure_percent: 50,
+            min_requests: 20,
         }
     }
 }
@@ -231,6 +258,18 @@ impl ServiceSpec {
                 "must be between 1ms and 1h".into(),
             ));
         }
+        for (i, on) in r.on.iter().enumerate() {
+            let ok = match on {
+                RetryOn::Status(code) => (400..=599).contains(code),
+                RetryOn::Condition(name) => RetryOn::CONDITIONS.contains(&name.as_str()),
+            };
+            if !ok {
+                return Err((
+                    format!("spec.retries.on[{i}]"),
+                    "must be a 4xx or 5xx status code, `reset` or `unavailable`".into(),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&r.budget.ratio) {
             return Err((
                 "spec.retries.budget.ratio".into(),
@@ -254,6 +293,12 @@ impl ServiceSpec {
             return Err((
                 "spec.outlier.base_ejection".into(),
                 "must be at least 1ms and at most spec.outlier.max_ejection (at most 1h)".into(),
+            ));
+        }
+        if o.failure_percent > 100 {
+            return Err((
+                "spec.outlier.failure_percent".into(),
+                "must be between 0 and 100".into(),
             ));
         }
         if o.max_ejection_percent > 100 {
@@ -442,6 +487,21 @@ mod tests {
         assert_eq!(ServiceSpec::from_json(""), Ok(ServiceSpec::default()));
         let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedge":"on"}"#).unwrap_err();
         assert!(err.reason.contains("unknown field `hedge`"), "{err}");
+        let err =
+            ServiceSpec::from_json(r#"{"retries":{"on":[503,"reset","sometimes"]}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.retries.on[2]");
+        let err = ServiceSpec::from_json(r#"{"retries":{"on":[200]}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.retries.on[0]");
+        let docs =
+            parse_documents("kind: Service\nname: a\nspec: {retries: {on: [503, unavailable]}}\n")
+                .unwrap();
+        assert_eq!(
+            docs[0].spec.retries.on,
+            [
+                RetryOn::Status(503),
+                RetryOn::Condition("unavailable".into())
+            ]
+        );
         let err = ServiceSpec::from_json(r#"{"retries":{"attempts":0}}"#).unwrap_err();
         assert_eq!(err.path, "spec.retries.attempts");
         let err = ServiceSpec::from_json(r#"{"retries":{"budget":{"ratio":2}}}"#).unwrap_err();

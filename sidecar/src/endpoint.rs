@@ -79,6 +79,8 @@ fn outlier_config(policy: &OutlierPolicy) -> OutlierConfig {
         consecutive_failures: policy.consecutive_failures,
         base_ejection: policy.base_ejection,
         max_ejection: policy.max_ejection,
+        success_rate_min_requests: policy.min_requests,
+        success_rate_threshold: f64::from(policy.failure_percent) / 100.0,
         ..OutlierConfig::default()
     }
 }

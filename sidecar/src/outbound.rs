@@ -19,6 +19,7 @@ use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use sinew_proto::policy::RetryOn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,9 +78,11 @@ impl<T: Transport> Outbound<T> {
 
     /// Sends the request, retrying under the budget, until one try answers or no try is
     /// left. A try is retried on another endpoint when nothing of it reached the app
-    /// (connect failure, refused), or when its per-try timeout fired and the method is
-    /// idempotent. Only a request without a body is sent again (a body is streamed once;
-    /// replaying small bodies from a buffer is a next step). A 5xx answer is returned as is.
+    /// (connect failure, refused), when its per-try timeout fired and the method is
+    /// idempotent, or when `retries.on` lists its answer (a status, gRPC UNAVAILABLE) or,
+    /// for idempotent methods, `reset`. Only a request without a body is sent again (a body
+    /// is streamed once; replaying small bodies from a buffer is a next step). When no retry
+    /// is left, the last answer is returned as it came.
     async fn tries(
         &self,
         service: &Service,
@@ -147,58 +150,89 @@ impl<T: Transport> Outbound<T> {
             // A try that ran out of time counts its time in the latency estimate, so the
             // balancer moves away from an instance that stopped answering even before the
             // outlier detector ejects it.
-            let mut rtt = None;
-            let (error, retryable) = match result {
+            let rtt = done - now;
+            let last = attempt == attempts;
+            let reason = match result {
                 Ok(Ok(response)) => {
                     let ok = !response.status().is_server_error();
-                    if endpoint
-                        .state
-                        .record(ok, Some(done - now), done, &policy.outlier)
-                    {
+                    if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
                         ejected(&peer, endpoint);
                     }
-                    return Ok(response);
+                    let retry = !last && retry_on_answer(&policy.retries.on, &response);
+                    if !retry || !spend_retry(service, done) {
+                        return Ok(response);
+                    }
+                    // Dropping the answer stops its stream.
+                    format!("status {}", response.status())
                 }
-                Ok(Err(e)) => {
-                    let retryable = e.is_connect_failure();
-                    (
-                        match e {
-                            TransportError::Connect { .. } => {
-                                MeshError::ConnectFailure(e.to_string())
-                            }
-                            TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
-                            TransportError::Reset { .. } => MeshError::UpstreamReset(e.to_string()),
-                        },
-                        retryable,
-                    )
-                }
-                Err(_) if done >= deadline => {
-                    rtt = Some(done - now);
-                    (timeout_error(policy.timeout), false)
-                }
-                Err(_) => {
-                    rtt = Some(done - now);
-                    (timeout_error(try_timeout), idempotent)
+                failed => {
+                    let (error, retryable, rtt) = match failed {
+                        Ok(Err(e)) => {
+                            let retryable = e.is_connect_failure()
+                                || (idempotent
+                                    && matches!(e, TransportError::Reset { .. })
+                                    && policy
+                                        .retries
+                                        .on
+                                        .contains(&RetryOn::Condition("reset".into())));
+                            let error = match e {
+                                TransportError::Connect { .. } => {
+                                    MeshError::ConnectFailure(e.to_string())
+                                }
+                                TransportError::Refused { .. } => {
+                                    MeshError::PeerRefused(e.to_string())
+                                }
+                                TransportError::Reset { .. } => {
+                                    MeshError::UpstreamReset(e.to_string())
+                                }
+                            };
+                            (error, retryable, None)
+                        }
+                        _ if done >= deadline => (timeout_error(policy.timeout), false, Some(rtt)),
+                        _ => (timeout_error(try_timeout), idempotent, Some(rtt)),
+                    };
+                    if endpoint.state.record(false, rtt, done, &policy.outlier) {
+                        ejected(&peer, endpoint);
+                    }
+                    if !retryable || last || !spend_retry(service, done) {
+                        return Err(error);
+                    }
+                    error.to_string()
                 }
             };
-            if endpoint.state.record(false, rtt, done, &policy.outlier) {
-                ejected(&peer, endpoint);
-            }
-            if !retryable || attempt == attempts {
-                return Err(error);
-            }
-            if !service.state.try_retry(done) {
-                metrics::counter!("sinew_retries_budget_exhausted_total", "peer" => peer.clone())
-                    .increment(1);
-                return Err(error);
-            }
-            metrics::counter!("sinew_retries_total", "peer" => peer.clone()).increment(1);
-            tracing::debug!(%peer, attempt, "retrying after: {error}");
+            tracing::debug!(%peer, attempt, "retrying after: {reason}");
             // A short jittered pause, so retries of many requests do not arrive in lockstep.
             let pause = Duration::from_millis(fastrand::u64(0..=(10u64 << (attempt - 1).min(4))));
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
         Err(MeshError::NoEndpoints(peer))
+    }
+}
+
+/// Whether an answer is one the policy retries: a listed status code, or gRPC UNAVAILABLE
+/// (status 14 in the head: a trailers-only answer) when `unavailable` is listed.
+fn retry_on_answer<B>(on: &[RetryOn], response: &Response<B>) -> bool {
+    on.iter().any(|condition| match condition {
+        RetryOn::Status(code) => response.status().as_u16() == *code,
+        RetryOn::Condition(name) => {
+            name == "unavailable"
+                && response
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|v| v.as_bytes() == b"14")
+        }
+    })
+}
+
+/// Spends one retry from the service's budget; counts the retry, or the refusal.
+fn spend_retry(service: &Service, now: Instant) -> bool {
+    if service.state.try_retry(now) {
+        metrics::counter!("sinew_retries_total", "peer" => service.name.clone()).increment(1);
+        true
+    } else {
+        metrics::counter!("sinew_retries_budget_exhausted_total", "peer" => service.name.clone())
+            .increment(1);
+        false
     }
 }
 
@@ -283,5 +317,26 @@ mod tests {
                 .reason(),
             "bad-request"
         );
+    }
+
+    #[test]
+    fn answers_the_policy_retries() {
+        let answer = |status: u16, grpc: Option<&str>| {
+            let mut response = Response::builder().status(status);
+            if let Some(code) = grpc {
+                response = response.header("grpc-status", code);
+            }
+            response.body(()).unwrap()
+        };
+        let on = [
+            RetryOn::Status(503),
+            RetryOn::Condition("unavailable".into()),
+        ];
+        assert!(retry_on_answer(&on, &answer(503, None)));
+        assert!(!retry_on_answer(&on, &answer(500, None)));
+        assert!(!retry_on_answer(&on, &answer(200, None)));
+        assert!(retry_on_answer(&on, &answer(200, Some("14"))));
+        assert!(!retry_on_answer(&on, &answer(200, Some("13"))));
+        assert!(!retry_on_answer(&[], &answer(503, None)));
     }
 }

@@ -59,3 +59,87 @@ async fn a_killed_instance_costs_no_requests_and_leaves_after_its_lease() {
     // After the lease grace it is gone from web's configuration.
     wait_endpoints(&p.client, &p.web, "orders", 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_failing_instance_is_ejected_and_comes_back_when_healed() {
+    let p = pair_with("chaos-503", 3, "10s").await;
+    let applied = p.mesh.apply(
+        "kind: Service\nname: orders\nspec:\n  timeout: 2s\n  retries: {attempts: 3, on: [503]}\n  outlier: {failure_percent: 30, min_requests: 10, base_ejection: 2s, max_ejection: 4s}\n",
+    );
+    assert!(applied.status.success(), "{applied:?}");
+    let web_admin = p.web.addr("admin");
+    wait_until("the policy at web", Duration::from_secs(10), || async {
+        config(&p.client, web_admin).await["services"]["orders"]["policy"]["outlier"]["min_requests"] == 10
+    })
+    .await;
+    let flaky = p.orders[2].0.addr("http");
+    let served = || async {
+        get(&p.client, flaky, "x", "/control/served")
+            .await
+            .unwrap()
+            .text()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(
+        get(&p.client, flaky, "x", "/control/fail?percent=50")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    let report = steady_load(
+        p.web.addr("outbound"),
+        "orders",
+        "/whoami",
+        200,
+        Duration::from_secs(6),
+        |_| {},
+    )
+    .await;
+    let ejections = metric(&p.client, web_admin, "sinew_outlier_ejections_total").await;
+    let retries = metric(&p.client, web_admin, "sinew_retries_total").await;
+    eprintln!(
+        "sent {}, ok {}, failures {:?}, retries {retries}, ejections {ejections}",
+        report.sent, report.ok, report.failures
+    );
+    assert!(
+        report.success_ratio() >= 0.999,
+        "success ratio {}: {:?}",
+        report.success_ratio(),
+        report.failures
+    );
+    assert!(ejections >= 1.0, "the failing instance was ejected");
+    assert!(retries >= 1.0, "its 503s were retried elsewhere");
+
+    // Healed: once its ejection (at most 4 s) has run out, a probe finds it well and it
+    // takes traffic again.
+    assert_eq!(
+        get(&p.client, flaky, "x", "/control/fail?percent=0")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = served().await;
+    let report = steady_load(
+        p.web.addr("outbound"),
+        "orders",
+        "/whoami",
+        100,
+        Duration::from_secs(4),
+        |_| {},
+    )
+    .await;
+    let after = served().await;
+    eprintln!(
+        "after healing: ok {} of {}, the healed instance served {}",
+        report.ok,
+        report.sent,
+        after - before
+    );
+    assert_eq!(report.ok, report.sent);
+    assert!(after > before, "the healed instance receives traffic again");
+}

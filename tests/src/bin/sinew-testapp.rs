@@ -1,6 +1,8 @@
 //! The app behind a sidecar in the end-to-end tests. HTTP/1.1 and h2c on $PORT.
 //!
-//! - `/whoami`: the instance name ($INSTANCE).
+//! - `/whoami`: the instance name ($INSTANCE); or 503 for the share of requests set by
+//!   `/control/fail?percent=N` (deterministic: N of every 100).
+//! - `/control/served`: how many `/whoami` requests were answered 200.
 //! - `/echo`: streams the request body back; request headers come back as `echo-<name>`.
 //! - `/bytes?n=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
 //! - `/sink`: reads the body, answers with its length and SHA-256.
@@ -15,8 +17,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::Digest;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+static FAIL_PERCENT: AtomicU32 = AtomicU32::new(0);
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+static SERVED: AtomicU64 = AtomicU64::new(0);
 
 fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -37,7 +44,23 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_string();
     let response = match path.as_str() {
-        "/whoami" => Response::new(full(instance)),
+        "/whoami" => {
+            let n = REQUESTS.fetch_add(1, Ordering::Relaxed);
+            if n % 100 < u64::from(FAIL_PERCENT.load(Ordering::Relaxed)) {
+                let mut response = Response::new(full("induced failure"));
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                response
+            } else {
+                SERVED.fetch_add(1, Ordering::Relaxed);
+                Response::new(full(instance))
+            }
+        }
+        "/control/fail" => {
+            let percent = query(&request, "percent").unwrap_or(0).min(100) as u32;
+            FAIL_PERCENT.store(percent, Ordering::Relaxed);
+            Response::new(full(format!("failing {percent}%")))
+        }
+        "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
         "/echo" => {
             let mut response = Response::builder();
             for (name, value) in request.headers() {
