@@ -88,6 +88,10 @@ pub struct ServiceSpec {
     pub retries: RetryPolicy,
     /// Ejecting instances that keep failing, and probing them back.
     pub outlier: OutlierPolicy,
+    /// Requests to this service in flight at once from one sidecar (each until its response
+    /// body ends); past it, 503 `sinew-error: overloaded` at once instead of queueing.
+    /// Default `1024`.
+    pub max_concurrent: u32,
 }
 
 impl Default for ServiceSpec {
@@ -99,6 +103,7 @@ impl Default for ServiceSpec {
             calls: None,
             retries: RetryPolicy::default(),
             outlier: OutlierPolicy::default(),
+            max_concurrent: 1024,
         }
     }
 }
@@ -245,6 +250,12 @@ impl ServiceSpec {
             ));
         }
         check_names("spec.allow", &self.allow)?;
+        if !(1..=1_000_000).contains(&self.max_concurrent) {
+            return Err((
+                "spec.max_concurrent".into(),
+                "must be between 1 and 1000000".into(),
+            ));
+        }
         let r = &self.retries;
         if !(1..=10).contains(&r.attempts) {
             return Err((

@@ -8,7 +8,7 @@
 //! across an await.
 
 use crate::balance::PeakEwma;
-use crate::resilience::{Outlier, OutlierConfig, RetryBudget, State};
+use crate::resilience::{ConcurrencyLimit, Outlier, OutlierConfig, RetryBudget, State};
 use sinew_proto::policy::{OutlierPolicy, RetryBudgetPolicy};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -95,15 +95,17 @@ impl Drop for InFlight {
     }
 }
 
-/// One service's retry budget.
+/// One service's retry budget and concurrency limit.
 #[derive(Debug)]
 pub struct ServiceState {
     budget: Mutex<RetryBudget>,
     policy: RetryBudgetPolicy,
+    /// Requests in flight to the service; its maximum follows the policy in place.
+    pub limit: ConcurrencyLimit,
 }
 
 impl ServiceState {
-    pub fn new(policy: &RetryBudgetPolicy) -> Self {
+    pub fn new(policy: &RetryBudgetPolicy, max_concurrent: u32) -> Self {
         ServiceState {
             budget: Mutex::new(RetryBudget::new(
                 policy.ratio,
@@ -111,6 +113,7 @@ impl ServiceState {
                 BUDGET_WINDOW,
             )),
             policy: policy.clone(),
+            limit: ConcurrencyLimit::new(max_concurrent as usize),
         }
     }
 

@@ -36,6 +36,8 @@ pub enum MeshError {
     Unsupported(String),
     #[error("not ready: this sidecar has no configuration yet")]
     NotReady,
+    #[error("overloaded: {max} requests to `{service}` are already in flight (max_concurrent)")]
+    Overloaded { service: String, max: usize },
 }
 
 impl MeshError {
@@ -43,7 +45,9 @@ impl MeshError {
         match self {
             MeshError::BadRequest(_) => StatusCode::BAD_REQUEST,
             MeshError::UnknownService(_) => StatusCode::NOT_FOUND,
-            MeshError::NoEndpoints(_) | MeshError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            MeshError::NoEndpoints(_) | MeshError::NotReady | MeshError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             MeshError::ConnectFailure(_)
             | MeshError::PeerRefused(_)
             | MeshError::UpstreamReset(_)
@@ -70,6 +74,7 @@ impl MeshError {
             MeshError::AppUnreachable(_) => "app-unreachable",
             MeshError::Unsupported(_) => "unsupported",
             MeshError::NotReady => "not-ready",
+            MeshError::Overloaded { .. } => "overloaded",
         }
     }
 

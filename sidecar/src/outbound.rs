@@ -12,6 +12,7 @@
 //! 5. map a failure to a `sinew-error` response, and record metrics.
 
 use crate::errors::MeshError;
+use crate::resilience::Permit;
 use crate::snapshot::{Endpoint, Service};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError, Transport, TransportError};
@@ -71,8 +72,24 @@ impl<T: Transport> Outbound<T> {
             .cloned()
             .ok_or_else(|| unknown(MeshError::UnknownService(name.clone())))?;
         let failed = |e| (e, service.name.clone());
+        // Admission: fail fast past the limit; the permit lives as long as the response body.
+        let permit = service.state.limit.try_acquire().map_err(|_| {
+            metrics::counter!("sinew_overloaded_total", "peer" => service.name.clone())
+                .increment(1);
+            failed(MeshError::Overloaded {
+                service: name.clone(),
+                max: service.state.limit.max(),
+            })
+        })?;
         let request = rewrite(request, &name).map_err(failed)?;
         let response = self.tries(&service, request).await.map_err(failed)?;
+        let response = response.map(|body| {
+            HoldingBody {
+                body,
+                _permit: permit,
+            }
+            .boxed()
+        });
         Ok((response, service.name.clone()))
     }
 
@@ -206,6 +223,32 @@ impl<T: Transport> Outbound<T> {
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
         Err(MeshError::NoEndpoints(peer))
+    }
+}
+
+/// A response body that holds its request's concurrency permit until it ends or is dropped.
+struct HoldingBody {
+    body: Body,
+    _permit: Permit,
+}
+
+impl http_body::Body for HoldingBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

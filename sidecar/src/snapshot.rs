@@ -132,7 +132,14 @@ impl Service {
         let state = previous
             .map(|p| p.state.clone())
             .filter(|s| s.fits(&policy.retries.budget))
-            .unwrap_or_else(|| Arc::new(ServiceState::new(&policy.retries.budget)));
+            .unwrap_or_else(|| {
+                Arc::new(ServiceState::new(
+                    &policy.retries.budget,
+                    policy.max_concurrent,
+                ))
+            });
+        // The in-flight count survives a policy change; only the maximum moves.
+        state.limit.set_max(policy.max_concurrent as usize);
         Ok(Service {
             name,
             policy,

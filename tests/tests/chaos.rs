@@ -143,3 +143,50 @@ async fn a_half_failing_instance_is_ejected_and_comes_back_when_healed() {
     assert_eq!(report.ok, report.sent);
     assert!(after > before, "the healed instance receives traffic again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_concurrent_requests_fail_fast_as_overloaded() {
+    let p = pair("chaos-overload", 2).await;
+    let applied = p
+        .mesh
+        .apply("kind: Service\nname: orders\nspec: {max_concurrent: 4}\n");
+    assert!(applied.status.success(), "{applied:?}");
+    let web_admin = p.web.addr("admin");
+    wait_until("the limit at web", Duration::from_secs(10), || async {
+        config(&p.client, web_admin).await["services"]["orders"]["policy"]["max_concurrent"] == 4
+    })
+    .await;
+    let outbound = p.web.addr("outbound");
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let client = p.client.clone();
+            tokio::spawn(async move {
+                get(&client, outbound, "orders", "/slow?ms=1500")
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for answer in burst {
+        let answer = answer.await.unwrap();
+        match (answer.status, answer.header("sinew-error")) {
+            (200, _) => ok += 1,
+            (503, Some("overloaded")) => overloaded += 1,
+            other => panic!("unexpected answer {other:?}: {}", answer.text()),
+        }
+    }
+    assert_eq!(
+        (ok, overloaded),
+        (4, 36),
+        "4 admitted, the rest refused at once"
+    );
+    assert_eq!(
+        metric(&p.client, web_admin, "sinew_overloaded_total").await,
+        36.0
+    );
+    // The permits came back with the responses.
+    let answer = get(&p.client, outbound, "orders", "/whoami").await.unwrap();
+    assert_eq!(answer.status, 200);
+}
