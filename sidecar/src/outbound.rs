@@ -16,9 +16,10 @@ use crate::resilience::Permit;
 use crate::snapshot::{Endpoint, Service};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError, Transport, TransportError};
+use bytes::Bytes;
 use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use sinew_proto::policy::RetryOn;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ use std::time::{Duration, Instant};
 
 /// The header the inbound sets to the caller's verified SPIFFE id. Never taken from an app.
 pub const CALLER_HEADER: &str = "sinew-caller";
+
+/// Request bodies up to this size (declared by `content-length`) are kept so the request can
+/// be retried; larger ones stream once.
+pub const REPLAY_BUFFER: usize = 64 * 1024;
 
 pub struct Outbound<T> {
     shared: Arc<Shared>,
@@ -97,9 +102,9 @@ impl<T: Transport> Outbound<T> {
     /// left. A try is retried on another endpoint when nothing of it reached the app
     /// (connect failure, refused), when its per-try timeout fired and the method is
     /// idempotent, or when `retries.on` lists its answer (a status, gRPC UNAVAILABLE) or,
-    /// for idempotent methods, `reset`. Only a request without a body is sent again (a body
-    /// is streamed once; replaying small bodies from a buffer is a next step). When no retry
-    /// is left, the last answer is returned as it came.
+    /// for idempotent methods, `reset`. A request is sent again only when its body was kept
+    /// (none, or a declared length within [`REPLAY_BUFFER`]). When no retry is left, the
+    /// last answer is returned as it came.
     async fn tries(
         &self,
         service: &Service,
@@ -109,7 +114,6 @@ impl<T: Transport> Outbound<T> {
         let started = Instant::now();
         let deadline = started + policy.timeout;
         service.state.deposit(started);
-        let replayable = request.body().is_end_stream();
         let idempotent = matches!(
             *request.method(),
             Method::GET
@@ -119,13 +123,43 @@ impl<T: Transport> Outbound<T> {
                 | Method::PUT
                 | Method::DELETE
         );
-        let attempts = if replayable {
+        let (parts, body) = request.into_parts();
+        // A request can be sent again only if its body is kept: none, or a declared length
+        // within the replay buffer (read whole before the first try). Larger or unsized
+        // bodies stream once, with no retry; that is counted.
+        let mut streamed = None;
+        let replay = if body.is_end_stream() {
+            Some(Bytes::new())
+        } else if policy.retries.attempts > 1
+            && crate::transport::quic::content_length(&parts.headers)
+                .is_some_and(|n| n <= REPLAY_BUFFER as u64)
+        {
+            // hyper holds both HTTP/1.1 and h2 bodies to their declared length, so reading
+            // it whole stays within the buffer.
+            let collected = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                body.collect(),
+            )
+            .await
+            .map_err(|_| MeshError::Timeout {
+                service: service.name.clone(),
+                after: policy.timeout,
+            })?
+            .map_err(|e| MeshError::BadRequest(format!("reading the request body: {e}")))?;
+            Some(collected.to_bytes())
+        } else {
+            if policy.retries.attempts > 1 {
+                metrics::counter!("sinew_retries_unreplayable_total", "peer" => service.name.clone())
+                    .increment(1);
+            }
+            streamed = Some(body);
+            None
+        };
+        let attempts = if replay.is_some() {
             policy.retries.attempts.max(1)
         } else {
             1
         };
-        let (parts, body) = request.into_parts();
-        let mut body = Some(body);
         let mut tried = Vec::with_capacity(attempts as usize);
         let peer = service.name.clone();
         for attempt in 1..=attempts {
@@ -143,10 +177,12 @@ impl<T: Transport> Outbound<T> {
                 .ok_or_else(|| MeshError::NoEndpoints(peer.clone()))?;
             tried.push(index);
             let endpoint = &service.endpoints[index];
-            let try_body = if replayable {
-                Body::default()
-            } else {
-                body.take().unwrap_or_default()
+            let try_body = match &replay {
+                Some(bytes) if bytes.is_empty() => Body::default(),
+                Some(bytes) => Full::new(bytes.clone())
+                    .map_err(|never| -> BoxError { match never {} })
+                    .boxed(),
+                None => streamed.take().unwrap_or_default(),
             };
             let mut request = Request::new(try_body);
             *request.method_mut() = parts.method.clone();

@@ -190,3 +190,65 @@ async fn past_max_concurrent_requests_fail_fast_as_overloaded() {
     let answer = get(&p.client, outbound, "orders", "/whoami").await.unwrap();
     assert_eq!(answer.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_replayed_on_retry_large_ones_stream_once() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let p = pair("chaos-replay", 2).await;
+    let applied = p
+        .mesh
+        .apply("kind: Service\nname: orders\nspec:\n  retries: {attempts: 3, on: [503]}\n");
+    assert!(applied.status.success(), "{applied:?}");
+    let web_admin = p.web.addr("admin");
+    wait_until("the policy at web", Duration::from_secs(10), || async {
+        config(&p.client, web_admin).await["services"]["orders"]["policy"]["retries"]["attempts"]
+            == 3
+    })
+    .await;
+    let broken = p.orders[0].0.addr("http");
+    assert_eq!(
+        get(&p.client, broken, "x", "/control/fail?percent=100")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let outbound = p.web.addr("outbound");
+    let post = |body: Bytes| {
+        let client = p.client.clone();
+        async move {
+            let request = http::Request::post(format!("http://{outbound}/echo"))
+                .header("host", "orders")
+                .body(Full::new(body))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    };
+    // 10 KiB: kept, so a 503 from the broken instance is retried on the other.
+    let small = Bytes::from((0..10_240u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    for _ in 0..20 {
+        let (status, echoed) = post(small.clone()).await;
+        assert_eq!(status, 200);
+        assert!(echoed == small, "the replayed body arrived whole");
+    }
+    assert!(metric(&p.client, web_admin, "sinew_retries_total").await >= 1.0);
+    // 100 KiB: beyond the replay buffer, sent once; a 503 comes back as it is.
+    let large = Bytes::from(vec![7u8; 100 * 1024]);
+    for _ in 0..5 {
+        let (status, echoed) = post(large.clone()).await;
+        assert!(
+            status == 200 && echoed == large || status == 503,
+            "status {status}"
+        );
+    }
+    assert_eq!(
+        metric(&p.client, web_admin, "sinew_retries_unreplayable_total").await,
+        5.0
+    );
+}

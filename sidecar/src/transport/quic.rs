@@ -241,7 +241,8 @@ fn classify(addr: SocketAddr, e: FrameError) -> TransportError {
     }
 }
 
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+/// The declared body length, if any.
+pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()

@@ -3,7 +3,8 @@
 //! - `/whoami`: the instance name ($INSTANCE); or 503 for the share of requests set by
 //!   `/control/fail?percent=N` (deterministic: N of every 100).
 //! - `/control/served`: how many `/whoami` requests were answered 200.
-//! - `/echo`: streams the request body back; request headers come back as `echo-<name>`.
+//! - `/echo`: streams the request body back; request headers come back as `echo-<name>`
+//!   (or 503, like `/whoami`, while failures are induced).
 //! - `/bytes?n=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
 //! - `/sink`: reads the body, answers with its length and SHA-256.
 //! - `/status/N`: answers status N.
@@ -45,8 +46,7 @@ async fn handle(
     let path = request.uri().path().to_string();
     let response = match path.as_str() {
         "/whoami" => {
-            let n = REQUESTS.fetch_add(1, Ordering::Relaxed);
-            if n % 100 < u64::from(FAIL_PERCENT.load(Ordering::Relaxed)) {
+            if failing() {
                 let mut response = Response::new(full("induced failure"));
                 *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                 response
@@ -61,6 +61,11 @@ async fn handle(
             Response::new(full(format!("failing {percent}%")))
         }
         "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
+        "/echo" if failing() => {
+            let mut response = Response::new(full("induced failure"));
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            response
+        }
         "/echo" => {
             let mut response = Response::builder();
             for (name, value) in request.headers() {
@@ -139,6 +144,12 @@ async fn handle(
         response.headers_mut().insert("x-instance", value);
     }
     Ok(response)
+}
+
+/// Whether this request is one of the induced failures (N of every 100).
+fn failing() -> bool {
+    let n = REQUESTS.fetch_add(1, Ordering::Relaxed);
+    n % 100 < u64::from(FAIL_PERCENT.load(Ordering::Relaxed))
 }
 
 fn instance_header() -> String {
