@@ -465,6 +465,34 @@ pub struct Pair {
     pub client: HttpClient,
 }
 
+impl Pair {
+    /// Applies policy with `sinewctl apply` and waits until every sidecar of the pair has
+    /// applied the version it reports (`version N`, its last line).
+    pub async fn apply(&self, yaml: &str) {
+        let output = self.mesh.apply(yaml);
+        assert!(output.status.success(), "{output:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let version: u64 = stdout
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("version "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no version in {stdout:?}"));
+        let sidecars = std::iter::once(&self.web).chain(self.orders.iter().map(|(_, s)| s));
+        for sidecar in sidecars {
+            let admin = sidecar.addr("admin");
+            let what = format!("{} to apply version {version}", sidecar.name);
+            wait_until(&what, Duration::from_secs(10), || async {
+                config(&self.client, admin).await["version"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= version
+            })
+            .await;
+        }
+    }
+}
+
 pub async fn pair(test: &str, n: usize) -> Pair {
     pair_with(test, n, "1s").await
 }
