@@ -6,19 +6,27 @@
 
 use crate::mesh::{Mesh, MeshError};
 use crate::metrics as m;
+use crate::session::Streams;
 use crate::tokens::constant_time_eq;
 use sinew_proto::policy::{Document, Kind, parse_documents};
 use sinew_proto::v1::admin_api_server::AdminApi;
 use sinew_proto::v1::{
-    AppliedDocument, ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetRequest,
-    GetResponse, ListServicesRequest, ListServicesResponse, StatusRequest, StatusResponse,
+    AppliedDocument, ApplyRequest, ApplyResponse, DeadLettersRequest, DeadLettersResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListServicesRequest,
+    ListServicesResponse, StatusRequest, StatusResponse,
 };
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub struct AdminApiService {
     pub mesh: Arc<Mesh>,
+    /// The sidecars' streams: dead letters live in the sidecars' outboxes, so the admin API
+    /// asks them.
+    pub streams: Arc<Streams>,
 }
+
+/// How long `DeadLetters` waits for the sidecars' answers.
+const ASK_SIDECARS: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The interceptor that guards every admin call: `authorization: Bearer <admin token>`.
 #[derive(Clone)]
@@ -71,6 +79,37 @@ pub fn yaml_stream(docs: &[Document]) -> String {
 
 #[tonic::async_trait]
 impl AdminApi for AdminApiService {
+    async fn dead_letters(
+        &self,
+        request: Request<DeadLettersRequest>,
+    ) -> Result<Response<DeadLettersResponse>, Status> {
+        let question = request
+            .into_inner()
+            .request
+            .ok_or_else(|| Status::invalid_argument("DeadLettersRequest.request is missing"))?;
+        let (answers, mut failures) = self.streams.ask_all(&question, ASK_SIDECARS).await;
+        let mut response = DeadLettersResponse::default();
+        for (node, reply) in answers {
+            if !reply.error.is_empty() {
+                failures.push(format!("{node}: {}", reply.error));
+                continue;
+            }
+            response.matched += reply.matched;
+            response
+                .dead_letters
+                .extend(reply.dead_letters.into_iter().map(|mut d| {
+                    d.node_id = node.clone();
+                    d
+                }));
+        }
+        response
+            .dead_letters
+            .sort_by(|a, b| (a.dead_unix_ms, &a.event_id).cmp(&(b.dead_unix_ms, &b.event_id)));
+        failures.sort();
+        response.failures = failures;
+        Ok(Response::new(response))
+    }
+
     async fn apply(
         &self,
         request: Request<ApplyRequest>,

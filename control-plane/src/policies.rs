@@ -216,6 +216,8 @@ mod tests {
                 .unwrap()
                 .document
                 .spec
+                .service()
+                .unwrap()
                 .timeout
                 .as_secs(),
             2

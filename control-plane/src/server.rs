@@ -144,14 +144,18 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     let http_addr = http_listener.local_addr()?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let streams = Arc::new(Streams::default());
     let sidecar_api = SidecarApiService {
         mesh: mesh.clone(),
         ca: Arc::new(ca),
         join_token: join_token.clone(),
-        streams: Arc::new(Streams::default()),
+        streams: streams.clone(),
         shutdown: shutdown_rx.clone(),
     };
-    let admin_api = AdminApiService { mesh: mesh.clone() };
+    let admin_api = AdminApiService {
+        mesh: mesh.clone(),
+        streams,
+    };
     let mut stop = shutdown_rx.clone();
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
@@ -216,6 +220,8 @@ async fn reap(mesh: Arc<Mesh>, mut shutdown: watch::Receiver<bool>) {
 /// `listening grpc=<addr> http=<addr>` line to stdout once both ports are bound.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     use std::io::Write;
+    // Listen for signals before announcing the ports: whoever reads the line may stop us.
+    let stop = stop_signal()?;
     let mut running = serve(config).await?;
     {
         let mut stdout = std::io::stdout().lock();
@@ -227,7 +233,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stdout.flush()?;
     }
     tokio::select! {
-        signal = stop_signal() => {
+        signal = stop => {
             signal?;
             tracing::info!("stopping");
         }
@@ -238,19 +244,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
-async fn stop_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+/// Registers for SIGTERM and SIGINT now; the future resolves when one arrives.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
         tokio::select! {
             _ = term.recv() => {}
-            result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
+        Ok(())
+    })
 }

@@ -9,16 +9,36 @@ use crate::mesh::Mesh;
 use crate::metrics as m;
 use crate::sync::{Answer, new_nonce};
 use crate::view::SentView;
-use sinew_proto::v1::{ControlMessage, SidecarMessage, Update, control_message, sidecar_message};
+use sinew_proto::v1::{
+    ControlMessage, EventsReply, EventsRequest, SidecarMessage, Update, control_message,
+    sidecar_message,
+};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, watch};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Status, Streaming};
 
-/// The open streams by node id, so a newer stream can end the older one.
+type Outbound = mpsc::Sender<Result<ControlMessage, Status>>;
+
+#[derive(Debug)]
+struct Open {
+    session: u64,
+    /// Dropped (replaced) to end the stream task.
+    _replaced: watch::Sender<()>,
+    /// The stream's way to its sidecar, for questions about events.
+    outbound: Outbound,
+}
+
+/// The open streams by node id, so a newer stream can end the older one, and so the admin
+/// API can ask every sidecar about the events in its outbox.
 #[derive(Debug, Default)]
 pub struct Streams {
-    open: Mutex<HashMap<String, (u64, watch::Sender<()>)>>,
+    open: Mutex<HashMap<String, Open>>,
+    /// Questions sent to sidecars, by id, waiting for their EventsReply.
+    pending: Mutex<HashMap<u64, oneshot::Sender<EventsReply>>>,
+    next_id: AtomicU64,
 }
 
 impl Streams {
@@ -28,26 +48,90 @@ impl Streams {
     /// Two streams of one node can race between registering and installing; sessions grow
     /// monotonically, so an older one that installs last is already replaced (its receiver's
     /// sender is gone at once) and never takes the record from the newer one.
-    pub fn install(&self, node_id: &str, session: u64) -> watch::Receiver<()> {
+    pub fn install(&self, node_id: &str, session: u64, outbound: Outbound) -> watch::Receiver<()> {
         let (tx, rx) = watch::channel(());
         let mut open = self.lock();
-        if open.get(node_id).is_some_and(|(newer, _)| *newer > session) {
+        if open.get(node_id).is_some_and(|o| o.session > session) {
             return rx;
         }
-        open.insert(node_id.to_string(), (session, tx));
+        let entry = Open {
+            session,
+            _replaced: tx,
+            outbound,
+        };
+        open.insert(node_id.to_string(), entry);
         rx
     }
 
     /// Forgets `session`, if it is still the stream of `node_id`.
     pub fn remove(&self, node_id: &str, session: u64) {
         let mut open = self.lock();
-        if open.get(node_id).is_some_and(|(s, _)| *s == session) {
+        if open.get(node_id).is_some_and(|o| o.session == session) {
             open.remove(node_id);
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, watch::Sender<()>)>> {
+    /// Sends `request` to every connected sidecar and waits (at most `wait`) for their
+    /// answers. Returns the answers by node id, and the nodes that did not answer in time.
+    pub async fn ask_all(
+        &self,
+        request: &EventsRequest,
+        wait: Duration,
+    ) -> (Vec<(String, EventsReply)>, Vec<String>) {
+        let targets: Vec<(String, Outbound)> = self
+            .lock()
+            .iter()
+            .map(|(node, o)| (node.clone(), o.outbound.clone()))
+            .collect();
+        let mut waiting = Vec::with_capacity(targets.len());
+        let mut silent = Vec::new();
+        for (node, outbound) in targets {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+            let (tx, rx) = oneshot::channel();
+            self.pending_lock().insert(id, tx);
+            let message = ControlMessage {
+                kind: Some(control_message::Kind::EventsRequest(EventsRequest {
+                    id,
+                    ..request.clone()
+                })),
+            };
+            match outbound.try_send(Ok(message)) {
+                Ok(()) => waiting.push((node, id, rx)),
+                Err(_) => {
+                    self.pending_lock().remove(&id);
+                    silent.push(format!("{node}: its stream is busy or closed"));
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut answers = Vec::with_capacity(waiting.len());
+        for (node, id, rx) in waiting {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(reply)) => answers.push((node, reply)),
+                _ => {
+                    self.pending_lock().remove(&id);
+                    silent.push(format!("{node}: no answer within {wait:?}"));
+                }
+            }
+        }
+        (answers, silent)
+    }
+
+    /// A sidecar's answer to [`Streams::ask_all`].
+    fn answer(&self, reply: EventsReply) {
+        if let Some(tx) = self.pending_lock().remove(&reply.id) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Open>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<EventsReply>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -186,6 +270,7 @@ impl Session {
             Some(sidecar_message::Kind::Hello(_)) => {
                 tracing::debug!(node_id = node, "repeated Hello ignored");
             }
+            Some(sidecar_message::Kind::EventsReply(reply)) => self.streams.answer(reply),
             None => {}
         }
         false
@@ -214,8 +299,9 @@ mod tests {
     #[test]
     fn an_older_stream_installing_last_is_already_replaced() {
         let streams = Streams::default();
-        let newer = streams.install("web-1", 6);
-        let older = streams.install("web-1", 5);
+        let (tx, _rx) = mpsc::channel(1);
+        let newer = streams.install("web-1", 6, tx.clone());
+        let older = streams.install("web-1", 5, tx.clone());
         assert!(
             older.has_changed().is_err(),
             "the older stream ends as replaced"
@@ -224,7 +310,7 @@ mod tests {
             newer.has_changed().is_ok(),
             "the newer stream keeps the record"
         );
-        let _newest = streams.install("web-1", 7);
+        let _newest = streams.install("web-1", 7, tx);
         assert!(
             newer.has_changed().is_err(),
             "a newer stream replaces an older one"

@@ -89,8 +89,8 @@ impl SidecarApi for SidecarApiService {
         let service = spec.service.clone();
         tracing::info!(node_id = %node_id, service = %service, addr = %spec.addr, "sidecar connected");
         let session = self.mesh.register(spec, hello.last_applied_version);
-        let replaced = self.streams.install(&node_id, session);
         let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let replaced = self.streams.install(&node_id, session, outbound.clone());
         let task = Session {
             mesh: self.mesh.clone(),
             streams: self.streams.clone(),

@@ -9,8 +9,8 @@
 use crate::policies::PolicySet;
 use crate::registry::Entry;
 use sinew_proto::policy::Kind;
-use sinew_proto::v1::{Endpoint, ServiceResource};
-use std::collections::BTreeMap;
+use sinew_proto::v1::{Endpoint, ServiceResource, SubscriptionResource};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// The SPIFFE identity of a service's instances.
@@ -34,6 +34,12 @@ pub struct Snapshot {
     pub version: u64,
     /// Every service that has a policy or at least one endpoint.
     pub services: BTreeMap<String, SnapService>,
+    /// Every event subscription, by name. Every sidecar receives all of them: any app may
+    /// publish to any topic, and its sidecar delivers.
+    pub subscriptions: BTreeMap<String, Arc<SubscriptionResource>>,
+    /// The services that subscribe to some topic: every sidecar's scope includes them, since
+    /// its app may publish events they receive.
+    pub subscribers: BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -83,7 +89,8 @@ impl Snapshot {
                 }),
             };
             let calls = policy
-                .and_then(|p| p.document.spec.calls.as_ref())
+                .and_then(|p| p.document.spec.service())
+                .and_then(|s| s.calls.as_ref())
                 .map(|c| Arc::from(c.as_slice()));
             services.insert(
                 name.to_string(),
@@ -94,22 +101,54 @@ impl Snapshot {
                 },
             );
         }
-        Snapshot { version, services }
+        let mut subscriptions = BTreeMap::new();
+        let mut subscribers = BTreeSet::new();
+        for entry in policies.of_kind(Kind::Subscription) {
+            let name = &entry.document.name;
+            if let Some(spec) = entry.document.spec.subscription() {
+                subscribers.insert(spec.service.clone());
+            }
+            let resource = SubscriptionResource {
+                name: name.clone(),
+                spec_json: entry.json.clone(),
+            };
+            let resource = match prev.subscriptions.get(name) {
+                Some(old) if **old == resource => old.clone(),
+                _ => Arc::new(resource),
+            };
+            subscriptions.insert(name.clone(), resource);
+        }
+        Snapshot {
+            version,
+            services,
+            subscriptions,
+            subscribers,
+        }
     }
 
     /// The services a sidecar of `service` receives: its declared `calls` if its policy has
     /// them, otherwise every service. A scoped sidecar also gets its own service's policy
     /// (without endpoints, unless it calls itself): that policy (`allow`) governs its inbound.
+    /// Services that subscribe to events are in every scope: the sidecar delivers what its
+    /// app publishes.
     pub fn scope<'a>(&'a self, service: &str) -> Vec<&'a Arc<ServiceResource>> {
         match self.services.get(service) {
             Some(me) if me.calls.is_some() => {
                 let calls = me.calls.as_deref().unwrap_or_default();
+                let called = |name: &str| calls.iter().any(|c| c == name);
                 let mut view: Vec<&Arc<ServiceResource>> = calls
                     .iter()
+                    .map(String::as_str)
+                    .chain(
+                        self.subscribers
+                            .iter()
+                            .map(String::as_str)
+                            .filter(|s| !called(s)),
+                    )
                     .filter_map(|c| self.services.get(c))
                     .map(|s| &s.resource)
                     .collect();
-                if !calls.iter().any(|c| c == service) {
+                if !called(service) && !self.subscribers.contains(service) {
                     view.push(&me.own);
                 }
                 view

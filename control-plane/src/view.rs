@@ -6,7 +6,7 @@
 //! kept an older snapshot than the one we assumed, so the next Update is full again.
 
 use crate::snapshot::Snapshot;
-use sinew_proto::v1::{ServiceResource, Update};
+use sinew_proto::v1::{ServiceResource, SubscriptionResource, Update};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use std::sync::Arc;
 pub struct SentView {
     service: String,
     sent: BTreeMap<String, Arc<ServiceResource>>,
+    sent_subscriptions: BTreeMap<String, Arc<SubscriptionResource>>,
     sent_version: u64,
     needs_full: bool,
     /// Whether the last Update sent was full: a NACK of a full Update is not answered with
@@ -28,6 +29,7 @@ impl SentView {
         SentView {
             service: service.to_string(),
             sent: BTreeMap::new(),
+            sent_subscriptions: BTreeMap::new(),
             sent_version: 0,
             needs_full: true,
             last_full: false,
@@ -62,7 +64,15 @@ impl SentView {
                 .collect()
         };
         self.sent = next;
-        if !full && changed.is_empty() && removed.is_empty() {
+        let (subscriptions, removed_subscriptions) =
+            diff(&self.sent_subscriptions, &snapshot.subscriptions, full);
+        self.sent_subscriptions = snapshot.subscriptions.clone();
+        if !full
+            && changed.is_empty()
+            && removed.is_empty()
+            && subscriptions.is_empty()
+            && removed_subscriptions.is_empty()
+        {
             return None;
         }
         let base_version = if full { 0 } else { self.sent_version };
@@ -76,6 +86,8 @@ impl SentView {
             services: changed,
             removed_services: removed,
             base_version,
+            subscriptions,
+            removed_subscriptions,
         })
     }
 
@@ -90,6 +102,33 @@ impl SentView {
     pub fn sent_version(&self) -> u64 {
         self.sent_version
     }
+}
+
+/// What changed from `sent` to `now`: the resources to send (all of them when `full`), and
+/// the names that left.
+fn diff<T: PartialEq + Clone>(
+    sent: &BTreeMap<String, Arc<T>>,
+    now: &BTreeMap<String, Arc<T>>,
+    full: bool,
+) -> (Vec<T>, Vec<String>) {
+    let changed = now
+        .iter()
+        .filter(|(name, r)| {
+            full || !sent
+                .get(*name)
+                .is_some_and(|old| Arc::ptr_eq(old, r) || **old == ***r)
+        })
+        .map(|(_, r)| (**r).clone())
+        .collect();
+    let removed = if full {
+        Vec::new()
+    } else {
+        sent.keys()
+            .filter(|name| !now.contains_key(*name))
+            .cloned()
+            .collect()
+    };
+    (changed, removed)
 }
 
 #[cfg(test)]

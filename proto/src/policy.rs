@@ -28,16 +28,18 @@ pub struct PolicyError {
 pub enum Kind {
     /// A mesh service's traffic and authorization policy.
     Service,
+    /// A service's subscription to an event topic.
+    Subscription,
 }
 
 impl Kind {
     pub fn parse(text: &str) -> Result<Kind, String> {
         match text.to_ascii_lowercase().as_str() {
             "service" | "services" => Ok(Kind::Service),
-            "subscription" | "subscriptions" => {
-                Err("kind Subscription is reserved for event subscriptions, which this version does not support yet".into())
-            }
-            other => Err(format!("unknown kind `{other}` (known: Service)")),
+            "subscription" | "subscriptions" => Ok(Kind::Subscription),
+            other => Err(format!(
+                "unknown kind `{other}` (known: Service, Subscription)"
+            )),
         }
     }
 }
@@ -46,6 +48,7 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Kind::Service => f.write_str("Service"),
+            Kind::Subscription => f.write_str("Subscription"),
         }
     }
 }
@@ -55,7 +58,39 @@ impl fmt::Display for Kind {
 pub struct Document {
     pub kind: Kind,
     pub name: String,
-    pub spec: ServiceSpec,
+    pub spec: Spec,
+}
+
+/// A document's spec, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Spec {
+    Service(ServiceSpec),
+    Subscription(SubscriptionSpec),
+}
+
+impl Spec {
+    /// The canonical JSON the control plane sends to sidecars.
+    pub fn to_json(&self) -> String {
+        match self {
+            Spec::Service(s) => s.to_json(),
+            Spec::Subscription(s) => s.to_json(),
+        }
+    }
+
+    pub fn service(&self) -> Option<&ServiceSpec> {
+        match self {
+            Spec::Service(s) => Some(s),
+            Spec::Subscription(_) => None,
+        }
+    }
+
+    pub fn subscription(&self) -> Option<&SubscriptionSpec> {
+        match self {
+            Spec::Subscription(s) => Some(s),
+            Spec::Service(_) => None,
+        }
+    }
 }
 
 impl Document {
@@ -325,6 +360,176 @@ impl ServiceSpec {
     }
 }
 
+/// `kind: Subscription`: `service` receives every event published to `topic`, as
+/// `POST <path>` on one of its instances, with CloudEvents binary-mode headers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSpec {
+    /// The topic, e.g. `order.created`. Required.
+    pub topic: String,
+    /// The subscribing service (one consumer group: each event reaches one of its
+    /// instances). Required.
+    pub service: String,
+    /// The path on the subscriber's app. Default `/events/<topic>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    #[serde(default)]
+    pub delivery: DeliveryPolicy,
+}
+
+/// `spec.delivery`: how hard and how fast to deliver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryPolicy {
+    /// Attempts in all before the event is dead-lettered. Default `10`.
+    pub max_attempts: u32,
+    /// Exponential backoff with full jitter between attempts. Defaults `100ms` and `30s`.
+    pub backoff: BackoffPolicy,
+    /// Time for one attempt (the answer's head must arrive within it). Default `5s`.
+    #[serde(with = "duration::serde_text")]
+    pub timeout: Duration,
+    /// Events without a key in delivery at once, per subscription and sidecar. Default `32`.
+    pub max_in_flight: u32,
+    /// A topic that dead-lettered events are also published to. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy {
+            max_attempts: 10,
+            backoff: BackoffPolicy::default(),
+            timeout: Duration::from_secs(5),
+            max_in_flight: 32,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// `spec.delivery.backoff`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffPolicy {
+    #[serde(with = "duration::serde_text")]
+    pub base: Duration,
+    #[serde(with = "duration::serde_text")]
+    pub max: Duration,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SubscriptionSpec {
+    /// The path events are posted to: `path`, or `/events/<topic>`.
+    pub fn path(&self) -> String {
+        if self.path.is_empty() {
+            format!("/events/{}", self.topic)
+        } else {
+            self.path.clone()
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Decodes and validates what [`SubscriptionSpec::to_json`] wrote.
+    pub fn from_json(json: &str) -> Result<SubscriptionSpec, PolicyError> {
+        let doc = "subscription".to_string();
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let spec: SubscriptionSpec =
+            serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
+                document: doc.clone(),
+                path: field_path("spec", &e.path().to_string()),
+                reason: e.inner().to_string(),
+            })?;
+        spec.validate().map_err(|(path, reason)| PolicyError {
+            document: doc,
+            path,
+            reason,
+        })?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        validate_topic(&self.topic).map_err(|r| ("spec.topic".to_string(), r))?;
+        validate_name(&self.service).map_err(|r| ("spec.service".to_string(), r))?;
+        if !self.path.is_empty()
+            && (!self.path.starts_with('/') || self.path.parse::<http::Uri>().is_err())
+        {
+            return Err((
+                "spec.path".into(),
+                format!(
+                    "`{}` is not an absolute path such as /events/orders",
+                    self.path
+                ),
+            ));
+        }
+        let d = &self.delivery;
+        if !(1..=1000).contains(&d.max_attempts) {
+            return Err((
+                "spec.delivery.max_attempts".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
+        let hour = Duration::from_secs(3600);
+        if d.backoff.base.is_zero() || d.backoff.base > d.backoff.max || d.backoff.max > hour {
+            return Err((
+                "spec.delivery.backoff.base".into(),
+                "must be at least 1ms and at most spec.delivery.backoff.max (at most 1h)".into(),
+            ));
+        }
+        if d.timeout.is_zero() || d.timeout > hour {
+            return Err((
+                "spec.delivery.timeout".into(),
+                "must be between 1ms and 1h".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&d.max_in_flight) {
+            return Err((
+                "spec.delivery.max_in_flight".into(),
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        if let Some(topic) = &d.dead_letter_topic {
+            validate_topic(topic)
+                .map_err(|r| ("spec.delivery.dead_letter_topic".to_string(), r))?;
+            if *topic == self.topic {
+                return Err((
+                    "spec.delivery.dead_letter_topic".into(),
+                    "must differ from spec.topic".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Topic names: 1-200 characters of `A-Z a-z 0-9 . _ -`, dot-separated words (no empty
+/// word): they double as NATS subject tokens.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 200
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && topic.split('.').all(|word| !word.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{topic}` is not a valid topic (1-200 characters of A-Z, a-z, 0-9, '.', '_' and '-', in words separated by single dots)"
+        ))
+    }
+}
+
 fn check_names(path: &str, names: &[String]) -> Result<(), (String, String)> {
     for (i, name) in names.iter().enumerate() {
         validate_name(name).map_err(|reason| (format!("{path}[{i}]"), reason))?;
@@ -390,18 +595,31 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, PolicyError> {
         };
         let kind = Kind::parse(&raw.kind).map_err(|r| here("kind", r))?;
         validate_name(&raw.name).map_err(|r| here("name", r))?;
-        let spec: ServiceSpec = if raw.spec.is_null() {
-            ServiceSpec::default()
-        } else {
-            serde_path_to_error::deserialize(raw.spec.clone()).map_err(|e| {
-                here(
-                    &field_path("spec", &e.path().to_string()),
-                    e.inner().to_string(),
-                )
-            })?
+        let decode_error = |e: serde_path_to_error::Error<serde_yaml_ng::Error>| {
+            here(
+                &field_path("spec", &e.path().to_string()),
+                e.inner().to_string(),
+            )
         };
-        spec.validate()
-            .map_err(|(path, reason)| here(&path, reason))?;
+        let spec = match kind {
+            Kind::Service => {
+                let spec: ServiceSpec = if raw.spec.is_null() {
+                    ServiceSpec::default()
+                } else {
+                    serde_path_to_error::deserialize(raw.spec.clone()).map_err(decode_error)?
+                };
+                spec.validate()
+                    .map_err(|(path, reason)| here(&path, reason))?;
+                Spec::Service(spec)
+            }
+            Kind::Subscription => {
+                let spec: SubscriptionSpec =
+                    serde_path_to_error::deserialize(raw.spec.clone()).map_err(decode_error)?;
+                spec.validate()
+                    .map_err(|(path, reason)| here(&path, reason))?;
+                Spec::Subscription(spec)
+            }
+        };
         if documents
             .iter()
             .any(|d| d.kind == kind && d.name == raw.name)
@@ -438,8 +656,11 @@ mod tests {
     fn empty_spec_is_every_default() {
         let docs = parse_documents("kind: Service\nname: orders\n").unwrap();
         assert_eq!(docs.len(), 1);
-        assert_eq!(docs[0].spec, ServiceSpec::default());
-        assert_eq!(docs[0].spec.timeout, Duration::from_secs(15));
+        assert_eq!(docs[0].spec, Spec::Service(ServiceSpec::default()));
+        assert_eq!(
+            docs[0].spec.service().unwrap().timeout,
+            Duration::from_secs(15)
+        );
     }
 
     #[test]
@@ -447,9 +668,18 @@ mod tests {
         let text = "kind: Service\nname: orders\nspec:\n  timeout: 2s\n  allow: [web]\n---\nkind: Service\nname: web\nspec: {calls: [orders]}\n---\n";
         let docs = parse_documents(text).unwrap();
         assert_eq!(docs.len(), 2);
-        assert_eq!(docs[0].spec.timeout, Duration::from_secs(2));
-        assert_eq!(docs[0].spec.allow, vec!["web".to_string()]);
-        assert_eq!(docs[1].spec.calls, Some(vec!["orders".to_string()]));
+        assert_eq!(
+            docs[0].spec.service().unwrap().timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            docs[0].spec.service().unwrap().allow,
+            vec!["web".to_string()]
+        );
+        assert_eq!(
+            docs[1].spec.service().unwrap().calls,
+            Some(vec!["orders".to_string()])
+        );
     }
 
     #[test]
@@ -507,7 +737,7 @@ mod tests {
             parse_documents("kind: Service\nname: a\nspec: {retries: {on: [503, unavailable]}}\n")
                 .unwrap();
         assert_eq!(
-            docs[0].spec.retries.on,
+            docs[0].spec.service().unwrap().retries.on,
             [
                 RetryOn::Status(503),
                 RetryOn::Condition("unavailable".into())
@@ -530,5 +760,90 @@ mod tests {
         assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
         let err = ServiceSpec::from_json(r#"{"timeout":"0ms"}"#).unwrap_err();
         assert_eq!(err.path, "spec.timeout");
+    }
+
+    #[test]
+    fn subscriptions_parse_with_defaults_and_round_trip() {
+        let docs = parse_documents(
+            "kind: Subscription\nname: billing-orders\nspec: {topic: order.created, service: billing}\n",
+        )
+        .unwrap();
+        let sub = docs[0].spec.subscription().unwrap();
+        assert_eq!(docs[0].kind, Kind::Subscription);
+        assert_eq!(sub.path(), "/events/order.created");
+        assert_eq!(sub.delivery, DeliveryPolicy::default());
+        assert_eq!(sub.delivery.max_attempts, 10);
+        let back = SubscriptionSpec::from_json(&sub.to_json()).unwrap();
+        assert_eq!(&back, sub);
+        // A sidecar refuses fields it does not know.
+        let err = SubscriptionSpec::from_json(
+            r#"{"topic":"a","service":"b","delivery":{"max_atempts":3}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "spec.delivery.max_atempts");
+    }
+
+    #[test]
+    fn subscription_errors_name_the_field() {
+        let cases = [
+            ("{service: billing}", "spec", "missing field `topic`"),
+            (
+                "{topic: 'a..b', service: billing}",
+                "spec.topic",
+                "not a valid topic",
+            ),
+            (
+                "{topic: 'a b', service: billing}",
+                "spec.topic",
+                "not a valid topic",
+            ),
+            (
+                "{topic: a, service: Billing}",
+                "spec.service",
+                "not a valid name",
+            ),
+            (
+                "{topic: a, service: b, path: events}",
+                "spec.path",
+                "absolute path",
+            ),
+            (
+                "{topic: a, service: b, delivery: {max_attempts: 0}}",
+                "spec.delivery.max_attempts",
+                "between 1 and 1000",
+            ),
+            (
+                "{topic: a, service: b, delivery: {backoff: {base: 2s, max: 1s}}}",
+                "spec.delivery.backoff.base",
+                "at most",
+            ),
+            (
+                "{topic: a, service: b, delivery: {dead_letter_topic: a}}",
+                "spec.delivery.dead_letter_topic",
+                "differ",
+            ),
+            (
+                "{topic: a, service: b, delivery: {timeout: soon}}",
+                "spec.delivery.timeout",
+                "",
+            ),
+        ];
+        for (spec, path, reason) in cases {
+            let err = parse_documents(&format!("kind: Subscription\nname: s\nspec: {spec}\n"))
+                .unwrap_err();
+            assert_eq!(err.path, path, "{spec}: {err}");
+            assert!(err.reason.contains(reason), "{spec}: {err}");
+            assert!(err.document.contains("Subscription s"), "{err}");
+        }
+    }
+
+    #[test]
+    fn topics() {
+        for ok in ["a", "order.created", "A_b-c.d9"] {
+            assert!(validate_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".a", "a.", "a..b", "a*", "a>", "a/b", &"x".repeat(201)] {
+            assert!(validate_topic(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -65,6 +65,36 @@ pub async fn handle<B>(
                 .collect();
             json_response(&serde_json::Value::Object(map))
         }
+        (&Method::GET, "/events") => {
+            let Some(events) = shared.events.get() else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the outbox is not open yet\n",
+                );
+            };
+            let filter = crate::events::outbox::Filter::default();
+            match events.outbox.dead_letters(&filter, 1000) {
+                Ok((dead, entries)) => {
+                    let entries: Vec<serde_json::Value> = entries
+                        .iter()
+                        .map(|d| {
+                            serde_json::json!({
+                                "event_id": d.event_id, "topic": d.topic,
+                                "subscription": d.subscription, "service": d.service,
+                                "attempts": d.attempts, "last_error": d.last_error,
+                            })
+                        })
+                        .collect();
+                    json_response(&serde_json::json!({
+                        "outbox_events": events.outbox.events.load(Ordering::Relaxed),
+                        "outbox_bytes": events.outbox.bytes.load(Ordering::Relaxed),
+                        "dead_letters": dead,
+                        "dead_letter_entries": entries,
+                    }))
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/shutdown") => {
             shared.begin_shutdown();
             text(StatusCode::ACCEPTED, "draining\n")
@@ -72,7 +102,7 @@ pub async fn handle<B>(
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config /endpoints, POST /shutdown\n",
+            "not found; try /live /ready /metrics /config /endpoints /events, POST /shutdown\n",
         ),
     }
 }

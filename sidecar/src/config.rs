@@ -69,6 +69,15 @@ pub struct Args {
     /// How long a shutdown waits for in-flight requests.
     #[arg(long, env = "SINEW_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Largest event data the events API accepts, in bytes (past it: 413 `too-large`).
+    #[arg(long, env = "SINEW_EVENT_MAX_BYTES", default_value_t = 1024 * 1024)]
+    pub event_max_bytes: usize,
+    /// Undelivered events the outbox holds before publishes get 503 `outbox-full`.
+    #[arg(long, env = "SINEW_OUTBOX_MAX_EVENTS", default_value_t = 100_000)]
+    pub outbox_max_events: u64,
+    /// Data bytes of undelivered events the outbox holds before publishes get 503 `outbox-full`.
+    #[arg(long, env = "SINEW_OUTBOX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub outbox_max_bytes: u64,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -91,6 +100,7 @@ pub struct Config {
     pub node_id: Option<String>,
     pub zone: String,
     pub drain_timeout: Duration,
+    pub event_limits: crate::events::Limits,
 }
 
 impl Args {
@@ -126,6 +136,12 @@ impl Args {
             node_id: self.node_id,
             zone: self.zone,
             drain_timeout: self.drain_timeout,
+            event_limits: crate::events::Limits {
+                max_event_bytes: self.event_max_bytes,
+                max_outbox_events: self.outbox_max_events,
+                max_outbox_bytes: self.outbox_max_bytes,
+                ..crate::events::Limits::default()
+            },
         })
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow};
 use sinew_proto::v1::control_message::Kind as ControlKind;
 use sinew_proto::v1::sidecar_api_client::SidecarApiClient;
 use sinew_proto::v1::sidecar_message::Kind;
-use sinew_proto::v1::{Ack, Health, Hello, Nack, SidecarMessage, Update};
+use sinew_proto::v1::{Ack, EventsReply, Health, Hello, Nack, SidecarMessage, Update};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -119,12 +119,30 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
         };
         match message {
             None => return Err(anyhow!("the control plane closed the stream")),
-            Some(m) => {
-                if let Some(ControlKind::Update(update)) = m.kind {
+            Some(m) => match m.kind {
+                Some(ControlKind::Update(update)) => {
                     let reply = apply(shared, &update);
                     send(&tx, reply).await?;
                 }
-            }
+                Some(ControlKind::EventsRequest(request)) => {
+                    // Answered beside the stream: a replay of many dead letters must not
+                    // hold up Updates.
+                    let tx = tx.clone();
+                    let events = shared.events.get().cloned();
+                    tokio::spawn(async move {
+                        let reply = match events {
+                            Some(events) => events.answer(request).await,
+                            None => EventsReply {
+                                id: request.id,
+                                error: "the outbox is not open yet".into(),
+                                ..EventsReply::default()
+                            },
+                        };
+                        let _ = send(&tx, Kind::EventsReply(reply)).await;
+                    });
+                }
+                None => {}
+            },
         }
     }
 }

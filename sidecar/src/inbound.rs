@@ -180,9 +180,21 @@ impl Inbound {
             .app
             .request(Request::from_parts(parts, body))
             .await
-            .map_err(|e| MeshError::AppUnreachable(format!("{}: {e}", self.app_addr)))?;
+            .map_err(|e| MeshError::AppUnreachable(format!("{}: {}", self.app_addr, chain(&e))))?;
         Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()))
     }
+}
+
+/// An error with its causes: hyper's own text ("client error (SendRequest)") names no cause.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The caller gave up on a request (its timeout fired, its client went away).

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod errors;
+pub mod events;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
@@ -38,6 +39,8 @@ use transport::quic::QuicTransport;
 use transport::tls;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Listen for signals before announcing the ports: whoever reads the line may stop us.
+    let signals = signals()?;
     let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("sinew_request_duration_seconds".into()),
@@ -99,6 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         identity_ready: AtomicBool::new(false),
         control_connected: AtomicBool::new(false),
         shutdown,
+        events: std::sync::OnceLock::new(),
     });
 
     // The outbound and the admin listener stop last, once the inbound has drained: requests
@@ -110,7 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listeners_stopped.clone(),
         move |req| admin::handle(req, admin_shared.clone(), prometheus.clone()),
     ));
-    tokio::spawn(shutdown_on_signal(shared.clone()));
+    tokio::spawn(shutdown_on_signal(shared.clone(), signals));
 
     let mut shutdown_rx = shared.shutdown.subscribe();
     let identity = tokio::select! {
@@ -131,12 +135,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     tokio::spawn(inbound.clone().serve(endpoint.clone()));
     let outbound = Arc::new(outbound::Outbound::new(shared.clone(), transport));
+    let events = events::Events::start(
+        shared.clone(),
+        outbound.clone(),
+        &config.data_dir,
+        config.event_limits.clone(),
+    )?;
+    let _ = shared.events.set(events.clone());
     let outbound_task = tokio::spawn(http_server::serve(
         outbound_listener,
         listeners_stopped,
         move |req| {
             let outbound = outbound.clone();
-            async move { outbound.handle(req).await }
+            let events = events.clone();
+            async move {
+                if events::api::is_events_request(&req) {
+                    events.handle(req).await
+                } else {
+                    outbound.handle(req).await
+                }
+            }
         },
     ));
     let registration = control::Registration {
@@ -176,15 +194,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_on_signal(shared: Arc<Shared>) {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot listen for signals");
-        return;
-    };
+    Ok((
+        signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+    ))
+}
+
+async fn shutdown_on_signal(shared: Arc<Shared>, (mut term, mut int): Signals) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -68,25 +68,41 @@ impl<T: Transport> Outbound<T> {
             )));
         }
         let name = service_name(&request).map_err(unknown)?;
+        let request = rewrite(request, &name).map_err(|e| (e, name.clone()))?;
+        self.call(&name, request).await
+    }
+
+    /// Sends a request (URI already `http://<service><path>`, no caller claims) to the mesh
+    /// service `name`: admission, then the tries. The sidecar's own clients (event
+    /// delivery) come in here, so they get the same balancing, retries and breakers.
+    pub async fn call(
+        &self,
+        name: &str,
+        request: Request<Body>,
+    ) -> Result<(Response<Body>, String), (MeshError, String)> {
         let service = self
             .shared
             .snapshot
             .load()
             .services
-            .get(&name)
+            .get(name)
             .cloned()
-            .ok_or_else(|| unknown(MeshError::UnknownService(name.clone())))?;
+            .ok_or_else(|| {
+                (
+                    MeshError::UnknownService(name.to_string()),
+                    "unknown".to_string(),
+                )
+            })?;
         let failed = |e| (e, service.name.clone());
         // Admission: fail fast past the limit; the permit lives as long as the response body.
         let permit = service.state.limit.try_acquire().map_err(|_| {
             metrics::counter!("sinew_overloaded_total", "peer" => service.name.clone())
                 .increment(1);
             failed(MeshError::Overloaded {
-                service: name.clone(),
+                service: name.to_string(),
                 max: service.state.limit.max(),
             })
         })?;
-        let request = rewrite(request, &name).map_err(failed)?;
         let response = self.tries(&service, request).await.map_err(failed)?;
         let response = response.map(|body| {
             HoldingBody {

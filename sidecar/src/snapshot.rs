@@ -7,8 +7,8 @@ use crate::endpoint::{EndpointState, ServiceState};
 use crate::resilience::State;
 use crate::transport::Target;
 use prost::Message;
-use sinew_proto::policy::{ServiceSpec, validate_name};
-use sinew_proto::v1::{ServiceResource, Update};
+use sinew_proto::policy::{ServiceSpec, SubscriptionSpec, validate_name};
+use sinew_proto::v1::{ServiceResource, SubscriptionResource, Update};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,6 +20,16 @@ pub struct Snapshot {
     /// 0 until the first Update (or the disk cache) is applied.
     pub version: u64,
     pub services: HashMap<String, Arc<Service>>,
+    /// Every event subscription of the mesh, by name.
+    pub subscriptions: HashMap<String, Arc<Subscription>>,
+}
+
+/// `kind: Subscription`: a service receiving a topic's events.
+#[derive(Debug)]
+pub struct Subscription {
+    pub name: String,
+    pub spec: SubscriptionSpec,
+    resource: SubscriptionResource,
 }
 
 #[derive(Debug)]
@@ -179,10 +189,41 @@ impl Snapshot {
             )?;
             services.insert(service.name.clone(), Arc::new(service));
         }
+        let mut subscriptions = if update.full {
+            HashMap::new()
+        } else {
+            self.subscriptions.clone()
+        };
+        for name in &update.removed_subscriptions {
+            subscriptions.remove(name);
+        }
+        for resource in &update.subscriptions {
+            let spec = SubscriptionSpec::from_json(&resource.spec_json)
+                .map_err(|e| format!("subscription `{}`: {e}", resource.name))?;
+            let subscription = Subscription {
+                name: resource.name.clone(),
+                spec,
+                resource: resource.clone(),
+            };
+            subscriptions.insert(resource.name.clone(), Arc::new(subscription));
+        }
         Ok(Snapshot {
             version: update.version,
             services,
+            subscriptions,
         })
+    }
+
+    /// The subscriptions to `topic`, by name.
+    pub fn subscribers(&self, topic: &str) -> Vec<Arc<Subscription>> {
+        let mut subs: Vec<Arc<Subscription>> = self
+            .subscriptions
+            .values()
+            .filter(|s| s.spec.topic == topic)
+            .cloned()
+            .collect();
+        subs.sort_by(|a, b| a.name.cmp(&b.name));
+        subs
     }
 
     /// The whole snapshot as a full Update, the form the disk cache keeps.
@@ -190,6 +231,12 @@ impl Snapshot {
         let mut services: Vec<ServiceResource> =
             self.services.values().map(|s| s.resource.clone()).collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut subscriptions: Vec<SubscriptionResource> = self
+            .subscriptions
+            .values()
+            .map(|s| s.resource.clone())
+            .collect();
+        subscriptions.sort_by(|a, b| a.name.cmp(&b.name));
         Update {
             version: self.version,
             nonce: String::new(),
@@ -197,6 +244,8 @@ impl Snapshot {
             services,
             removed_services: Vec::new(),
             base_version: 0,
+            subscriptions,
+            removed_subscriptions: Vec::new(),
         }
     }
 
@@ -227,7 +276,20 @@ impl Snapshot {
             .into_iter()
             .filter_map(|name| self.services.get(name).map(|s| (name.clone(), s.to_json())))
             .collect();
-        serde_json::json!({ "version": self.version, "services": services })
+        let mut subscriptions: Vec<&Arc<Subscription>> = self.subscriptions.values().collect();
+        subscriptions.sort_by(|a, b| a.name.cmp(&b.name));
+        let subscriptions: serde_json::Map<String, serde_json::Value> = subscriptions
+            .into_iter()
+            .map(|s| {
+                let spec = serde_json::to_value(&s.spec).unwrap_or_default();
+                (s.name.clone(), spec)
+            })
+            .collect();
+        serde_json::json!({
+            "version": self.version,
+            "services": services,
+            "subscriptions": subscriptions,
+        })
     }
 }
 
@@ -284,6 +346,7 @@ mod tests {
             services,
             removed_services: removed.iter().map(|s| s.to_string()).collect(),
             base_version: if full { 0 } else { version - 1 },
+            ..Update::default()
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Shared {
     pub control_connected: AtomicBool,
     /// `true` once shutdown has begun.
     pub shutdown: watch::Sender<bool>,
+    /// The events outbox, once open (the control stream answers questions about it).
+    pub events: std::sync::OnceLock<std::sync::Arc<crate::events::Events>>,
 }
 
 impl Shared {

@@ -138,6 +138,7 @@ impl SidecarApi for SkewedControl {
             services: vec![service(r#"{"timeout":"4s"}"#)],
             removed_services: vec![],
             base_version: 0,
+            ..Update::default()
         };
         let bad = Update {
             version: 1001,
@@ -146,6 +147,7 @@ impl SidecarApi for SkewedControl {
             services: vec![service(r#"{"timeout":"1s","mirror":{"to":"shadow"}}"#)],
             removed_services: vec![],
             base_version: 1000,
+            ..Update::default()
         };
         let updates = [good, bad].map(|u| {
             Ok(ControlMessage {

@@ -58,8 +58,8 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
         .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("pid=")))
         .map(|pid| pid.parse().unwrap())
         .collect();
-    // control + 2 orders sidecars + 2 orders apps + web sidecar + web app
-    assert_eq!(pids.len(), 7, "{lines:#?}");
+    // control + (sidecar + app) × (2 orders + 2 billing + 1 web)
+    assert_eq!(pids.len(), 11, "{lines:#?}");
     assert!(
         lines.iter().any(|l| l.starts_with("control control pid=")),
         "{lines:#?}"
@@ -104,6 +104,28 @@ async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
         2,
         "both orders instances serve: {served_by:?}"
     );
+    // Each order served was published as `order.created`; billing's two instances share
+    // them. Ask through web's sidecar until the six have arrived.
+    let outbound = "127.0.0.1:4140".parse().unwrap();
+    let mut counts = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while counts.values().sum::<u64>() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "billing got {counts:?}"
+        );
+        let answer = get(&client, outbound, "billing", "/received")
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        counts.insert(
+            v["served_by"].as_str().unwrap_or_default().to_string(),
+            v["count"].as_u64().unwrap_or(0),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("billing instances received {counts:?}");
 
     signal(up.id(), libc::SIGINT);
     let status = up.wait().unwrap();

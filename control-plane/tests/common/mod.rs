@@ -191,6 +191,7 @@ impl Sidecar {
             .expect("stream ended");
         match message.kind {
             Some(control_message::Kind::Update(update)) => update,
+            Some(other) => panic!("expected an Update, got {other:?}"),
             None => panic!("empty ControlMessage"),
         }
     }

@@ -9,6 +9,10 @@
 //! - `/sink`: reads the body, answers with its length and SHA-256.
 //! - `/status/N`: answers status N.
 //! - `/slow?ms=N`: answers after N ms.
+//! - `POST /events/...`: an event subscriber. Records each delivery it accepts (`ce-id`,
+//!   `sinew-key`, body) and answers with the status set by `/control/event-status?code=N`
+//!   (default 200); `/control/event-flaky?percent=N` makes the first delivery of N of every
+//!   100 event ids fail with 503. `/control/received` shows what was accepted, as JSON.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
@@ -25,6 +29,62 @@ type Body = BoxBody<Bytes, hyper::Error>;
 static FAIL_PERCENT: AtomicU32 = AtomicU32::new(0);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 static SERVED: AtomicU64 = AtomicU64::new(0);
+static EVENT_STATUS: AtomicU32 = AtomicU32::new(200);
+static EVENT_FLAKY: AtomicU32 = AtomicU32::new(0);
+
+/// What the event subscriber accepted, in arrival order, and every id it has seen.
+#[derive(Default)]
+struct EventLog {
+    /// (ce-id, sinew-key, body as text)
+    accepted: Vec<(String, String, String)>,
+    seen: std::collections::HashSet<String>,
+    attempts: u64,
+}
+
+static EVENTS: std::sync::Mutex<Option<EventLog>> = std::sync::Mutex::new(None);
+
+fn with_log<R>(f: impl FnOnce(&mut EventLog) -> R) -> R {
+    let mut guard = EVENTS.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(EventLog::default))
+}
+
+async fn event(request: Request<Incoming>) -> Response<Body> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (id, key) = (header("ce-id"), header("sinew-key"));
+    let body = match request.into_body().collect().await {
+        Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        Err(e) => return Response::new(full(format!("body error: {e}"))),
+    };
+    let status = EVENT_STATUS.load(Ordering::Relaxed) as u16;
+    let flaky = EVENT_FLAKY.load(Ordering::Relaxed);
+    let status = with_log(|log| {
+        log.attempts += 1;
+        let first = log.seen.insert(id.clone());
+        let hash = id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let status = if first && hash % 100 < flaky {
+            503
+        } else {
+            status
+        };
+        if (200..300).contains(&status) {
+            log.accepted.push((id, key, body));
+        }
+        status
+    });
+    let mut response = Response::new(full(format!("event status {status}")));
+    *response.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
 
 fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -61,7 +121,38 @@ async fn handle(
             Response::new(full(format!("failing {percent}%")))
         }
         "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
+        p if p.starts_with("/events/") && request.method() == http::Method::POST => {
+            event(request).await
+        }
+        "/control/event-status" => {
+            let code = query(&request, "code").unwrap_or(200) as u32;
+            EVENT_STATUS.store(code, Ordering::Relaxed);
+            Response::new(full(format!("events answered {code}")))
+        }
+        "/control/event-flaky" => {
+            let percent = query(&request, "percent").unwrap_or(0).min(100) as u32;
+            EVENT_FLAKY.store(percent, Ordering::Relaxed);
+            Response::new(full(format!("first deliveries failing {percent}%")))
+        }
+        "/control/received" => {
+            let json = with_log(|log| {
+                let accepted: Vec<serde_json::Value> = log
+                    .accepted
+                    .iter()
+                    .map(|(id, key, body)| serde_json::json!([id, key, body]))
+                    .collect();
+                serde_json::json!({
+                    "count": log.accepted.len(),
+                    "attempts": log.attempts,
+                    "accepted": accepted,
+                })
+            });
+            Response::new(full(json.to_string()))
+        }
         "/echo" if failing() => {
+            // Read the body first: answering early and closing races with the sidecar still
+            // writing it (a broken pipe there is a different failure than the one induced).
+            let _ = request.into_body().collect().await;
             let mut response = Response::new(full("induced failure"));
             *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             response

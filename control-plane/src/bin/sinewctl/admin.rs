@@ -5,9 +5,10 @@
 use crate::table::{Table, ago};
 use anyhow::{Context, anyhow, bail};
 use sinew_proto::v1::admin_api_client::AdminApiClient;
+use sinew_proto::v1::events_request;
 use sinew_proto::v1::{
-    ApplyRequest, DeleteRequest, GetRequest, InstanceInfo, ListServicesRequest, ServiceInfo,
-    SidecarStatus, StatusRequest,
+    ApplyRequest, DeadLetter, DeadLettersRequest, DeleteRequest, EventsRequest, GetRequest,
+    InstanceInfo, ListServicesRequest, ServiceInfo, SidecarStatus, StatusRequest,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -167,11 +168,11 @@ pub async fn get_services(target: &Target) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sinewctl get policy [NAME]` and `sinewctl get service NAME`.
-pub async fn get_policy(target: &Target, name: Option<&str>) -> anyhow::Result<()> {
+/// `sinewctl get policy [NAME]`, `get service NAME`, `get subscriptions [NAME]`.
+pub async fn get_policy(target: &Target, kind: &str, name: Option<&str>) -> anyhow::Result<()> {
     let mut client = Client::connect(target).await?;
     let request = client.request(GetRequest {
-        kind: "Service".into(),
+        kind: kind.into(),
         name: name.unwrap_or_default().into(),
     });
     let response = client
@@ -182,8 +183,8 @@ pub async fn get_policy(target: &Target, name: Option<&str>) -> anyhow::Result<(
         .into_inner();
     if response.yaml.trim().is_empty() {
         match name {
-            Some(name) => bail!("service `{name}` has no policy document"),
-            None => eprintln!("no policy documents"),
+            Some(name) => bail!("{kind} `{name}` has no policy document"),
+            None => eprintln!("no {kind} documents"),
         }
         return Ok(());
     }
@@ -194,11 +195,11 @@ pub async fn get_policy(target: &Target, name: Option<&str>) -> anyhow::Result<(
     Ok(())
 }
 
-/// `sinewctl delete service NAME`.
-pub async fn delete(target: &Target, name: &str) -> anyhow::Result<()> {
+/// `sinewctl delete service|subscription NAME`.
+pub async fn delete(target: &Target, kind: &str, name: &str) -> anyhow::Result<()> {
     let mut client = Client::connect(target).await?;
     let request = client.request(DeleteRequest {
-        kind: "Service".into(),
+        kind: kind.into(),
         name: name.into(),
     });
     let response = client
@@ -207,7 +208,7 @@ pub async fn delete(target: &Target, name: &str) -> anyhow::Result<()> {
         .await
         .map_err(|s| client.explain(s))?
         .into_inner();
-    println!("service/{name} deleted");
+    println!("{}/{name} deleted", kind.to_ascii_lowercase());
     println!("version {}", response.version);
     Ok(())
 }
@@ -231,6 +232,103 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
     }
     print!("{}", status_table(&response.sidecars, now_ms()));
     Ok(())
+}
+
+/// Which dead letters `sinewctl events ...` touches.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only events of this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only deliveries to this subscribing service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only these event ids (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// Replay or purge every dead letter (required when no filter is given).
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `sinewctl events dead-letters|replay|purge`.
+pub async fn dead_letters(
+    target: &Target,
+    op: events_request::Op,
+    filter: DeadLetterFilter,
+) -> anyhow::Result<()> {
+    let unfiltered = filter.topic.is_none() && filter.service.is_none() && filter.ids.is_empty();
+    if op != events_request::Op::List && unfiltered && !filter.all {
+        bail!("give --topic, --service or --id, or --all to touch every dead letter");
+    }
+    let mut client = Client::connect(target).await?;
+    let request = client.request(DeadLettersRequest {
+        request: Some(EventsRequest {
+            op: op as i32,
+            topic: filter.topic.unwrap_or_default(),
+            service: filter.service.unwrap_or_default(),
+            event_ids: filter.ids,
+            ..EventsRequest::default()
+        }),
+    });
+    let response = client
+        .inner
+        .dead_letters(request)
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner();
+    for failure in &response.failures {
+        eprintln!("warning: {failure}");
+    }
+    match op {
+        events_request::Op::List => {
+            if response.dead_letters.is_empty() {
+                eprintln!("no dead letters");
+            } else {
+                print!("{}", dead_letters_table(&response.dead_letters, now_ms()));
+                if response.matched > response.dead_letters.len() as u64 {
+                    eprintln!(
+                        "({} of {} shown)",
+                        response.dead_letters.len(),
+                        response.matched
+                    );
+                }
+            }
+        }
+        events_request::Op::Replay => println!("{} dead letters replayed", response.matched),
+        events_request::Op::Purge => println!("{} dead letters purged", response.matched),
+    }
+    Ok(())
+}
+
+/// EVENT, TOPIC, SUBSCRIBER, SUBSCRIPTION, ATTEMPTS, DEAD SINCE, SIDECAR, LAST ERROR.
+pub fn dead_letters_table(entries: &[DeadLetter], now_ms: i64) -> String {
+    let mut table = Table::new([
+        "EVENT",
+        "TOPIC",
+        "SUBSCRIBER",
+        "SUBSCRIPTION",
+        "ATTEMPTS",
+        "DEAD SINCE",
+        "SIDECAR",
+        "LAST ERROR",
+    ]);
+    for d in entries {
+        let attempts = d.attempts.to_string();
+        let since = ago(now_ms, d.dead_unix_ms);
+        let error = one_line(&d.last_error, 80);
+        table.row([
+            d.event_id.as_str(),
+            d.topic.as_str(),
+            d.service.as_str(),
+            d.subscription.as_str(),
+            attempts.as_str(),
+            since.as_str(),
+            d.node_id.as_str(),
+            error.as_str(),
+        ]);
+    }
+    table.render()
 }
 
 fn now_ms() -> i64 {
@@ -395,6 +493,13 @@ mod tests {
             check(request.metadata())?;
             Ok(tonic::Response::new(Default::default()))
         }
+        async fn dead_letters(
+            &self,
+            request: Request<sinew_proto::v1::DeadLettersRequest>,
+        ) -> Result<tonic::Response<sinew_proto::v1::DeadLettersResponse>, Status> {
+            check(request.metadata())?;
+            Ok(tonic::Response::new(Default::default()))
+        }
         async fn status(
             &self,
             request: Request<StatusRequest>,
@@ -441,13 +546,13 @@ mod tests {
         apply(&target(&good), &docs).await.unwrap();
         status(&target(&good)).await.unwrap();
         get_services(&target(&good)).await.unwrap();
-        delete(&target(&good), "a").await.unwrap();
+        delete(&target(&good), "Service", "a").await.unwrap();
         let e = apply(&target(&good), &bad).await.unwrap_err().to_string();
         assert_eq!(
             e,
             "document 1 (Service a): spec.timeout: `2` needs a unit (ms, s, m or h)"
         );
-        let e = get_policy(&target(&good), Some("zz"))
+        let e = get_policy(&target(&good), "Service", Some("zz"))
             .await
             .unwrap_err()
             .to_string();

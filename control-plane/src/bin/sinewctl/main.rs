@@ -1,6 +1,6 @@
 //! `sinewctl`: the mesh's command line.
 //!
-//! - `apply`, `get`, `delete`, `status` talk to the control plane's admin API (gRPC, bearer
+//! - `apply`, `get`, `delete`, `status`, `events` talk to the control plane's admin API (gRPC, bearer
 //!   token) — see [`admin`];
 //! - `up FILE` starts a whole local mesh (control plane, one sidecar per instance, the apps)
 //!   from one YAML file, and stops all of it on Ctrl-C — see [`up`].
@@ -15,6 +15,7 @@ mod table;
 mod up;
 
 use clap::{Parser, Subcommand};
+use sinew_proto::v1::events_request::Op;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -57,6 +58,9 @@ enum Command {
     Delete(DeleteCommand),
     /// Every sidecar's connection and configuration state (like `istioctl proxy-status`).
     Status,
+    /// Dead letters: list, replay, purge (asks every connected sidecar).
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Start a local mesh from one YAML file; Ctrl-C stops all of it.
     Up(up::UpArgs),
 }
@@ -71,6 +75,19 @@ enum GetCommand {
     /// Policy documents as YAML (every one, or the one named).
     #[command(visible_alias = "policies")]
     Policy { name: Option<String> },
+    /// Event subscriptions as YAML (every one, or the one named).
+    #[command(visible_alias = "subscription")]
+    Subscriptions { name: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventsCommand {
+    /// List dead letters (events a subscriber refused or never took).
+    DeadLetters(admin::DeadLetterFilter),
+    /// Deliver dead letters again (they leave the list; failing again brings them back).
+    Replay(admin::DeadLetterFilter),
+    /// Remove dead letters for good.
+    Purge(admin::DeadLetterFilter),
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +95,8 @@ enum DeleteCommand {
     /// Delete a service's policy document.
     #[command(visible_alias = "policy")]
     Service { name: String },
+    /// Delete an event subscription (its pending deliveries end with it).
+    Subscription { name: String },
 }
 
 fn main() -> ExitCode {
@@ -115,13 +134,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::get_services(&target).await
         }
         Command::Get(GetCommand::Service { name: Some(name) }) => {
-            admin::get_policy(&target, Some(&name)).await
+            admin::get_policy(&target, "Service", Some(&name)).await
         }
         Command::Get(GetCommand::Policy { name }) => {
-            admin::get_policy(&target, name.as_deref()).await
+            admin::get_policy(&target, "Service", name.as_deref()).await
         }
-        Command::Delete(DeleteCommand::Service { name }) => admin::delete(&target, &name).await,
+        Command::Get(GetCommand::Subscriptions { name }) => {
+            admin::get_policy(&target, "Subscription", name.as_deref()).await
+        }
+        Command::Delete(DeleteCommand::Service { name }) => {
+            admin::delete(&target, "Service", &name).await
+        }
+        Command::Delete(DeleteCommand::Subscription { name }) => {
+            admin::delete(&target, "Subscription", &name).await
+        }
         Command::Status => admin::status(&target).await,
+        Command::Events(EventsCommand::DeadLetters(filter)) => {
+            admin::dead_letters(&target, Op::List, filter).await
+        }
+        Command::Events(EventsCommand::Replay(filter)) => {
+            admin::dead_letters(&target, Op::Replay, filter).await
+        }
+        Command::Events(EventsCommand::Purge(filter)) => {
+            admin::dead_letters(&target, Op::Purge, filter).await
+        }
         Command::Up(args) => return up::run(args).await,
     }?;
     Ok(ExitCode::SUCCESS)

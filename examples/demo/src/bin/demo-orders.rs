@@ -3,13 +3,24 @@
 //! `GET /items/<id>` answers `{"id":<id>,"name":"item-<id>","served_by":"<instance>"}`, where
 //! the instance is `$SINEW_INSTANCE` (set by `sinewctl up`) or `orders@<port>`, so you can see
 //! the sidecars balance over the instances. Anything else is 404.
+//!
+//! Each order served is also published as an event: `POST /v1/events/order.created` to its
+//! own sidecar (`$SINEW_OUTBOUND`), which stores it and delivers it to every subscribing
+//! service (in the quick start, `billing`). Publishing does not hold up the answer.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use sinew_demo::{Reply, id_after, json, port_from_env, serve, text};
 use std::sync::Arc;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -17,11 +28,45 @@ async fn main() -> anyhow::Result<()> {
     let served_by: Arc<str> = std::env::var("SINEW_INSTANCE")
         .unwrap_or_else(|_| format!("orders@{port}"))
         .into();
+    let outbound: Arc<str> = std::env::var("SINEW_OUTBOUND")
+        .unwrap_or_else(|_| "127.0.0.1:4140".into())
+        .into();
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     serve("demo-orders", port, move |req| {
         let served_by = served_by.clone();
-        async move { item(req.method(), req.uri().path(), &served_by) }
+        let (client, outbound) = (client.clone(), outbound.clone());
+        async move {
+            let reply = item(req.method(), req.uri().path(), &served_by);
+            if reply.status() == StatusCode::OK
+                && let Some(id) = id_after(req.uri().path(), "/items/")
+            {
+                tokio::spawn(publish(client, outbound, id, served_by));
+            }
+            reply
+        }
     })
     .await
+}
+
+/// Publishes `order.created` for order `id` through the sidecar (keyed by the order, so
+/// events of one order stay in order).
+async fn publish(client: HttpClient, outbound: Arc<str>, id: u64, served_by: Arc<str>) {
+    let body = json!({"order": id, "served_by": &*served_by}).to_string();
+    let request = hyper::Request::post(format!("http://{outbound}/v1/events/order.created"))
+        .header("content-type", "application/json")
+        .header("sinew-key", format!("order-{id}"))
+        .body(Full::new(Bytes::from(body)));
+    let Ok(request) = request else {
+        return;
+    };
+    match client.request(request).await {
+        Ok(response) if response.status() == StatusCode::ACCEPTED => {}
+        Ok(response) => eprintln!(
+            "demo-orders: publishing order.created: {}",
+            response.status()
+        ),
+        Err(e) => eprintln!("demo-orders: publishing order.created: {e}"),
+    }
 }
 
 fn item(method: &Method, path: &str, served_by: &str) -> Reply {

@@ -245,10 +245,12 @@ mod tests {
     fn quickstart_parses() {
         let file = UpFile::parse(QUICKSTART).unwrap();
         assert_eq!(file.control, ControlSection::default());
-        assert_eq!(file.services.len(), 2);
+        assert_eq!(file.services.len(), 3);
         let orders = &file.services[0];
         assert_eq!((orders.name.as_str(), orders.instances), ("orders", 2));
-        let web = &file.services[1];
+        let billing = &file.services[1];
+        assert_eq!((billing.name.as_str(), billing.instances), ("billing", 2));
+        let web = &file.services[2];
         assert_eq!(web.app_port, Some(8080));
         assert_eq!(
             web.sidecar.outbound,
@@ -256,7 +258,8 @@ mod tests {
         );
         assert_eq!(web.sidecar.admin, Some("127.0.0.1:4191".parse().unwrap()));
         let docs = policy::parse_documents(file.policy.as_deref().unwrap()).unwrap();
-        assert_eq!(docs.len(), 2);
+        assert_eq!(docs.len(), 4);
+        assert_eq!(docs[3].kind, policy::Kind::Subscription);
     }
 
     #[test]

@@ -1,0 +1,378 @@
+//! The publish API on the outbound port: `POST /v1/events/<topic>` (one event) and
+//! `POST /v1/events/<topic>:batch` (a JSON array of CloudEvents), addressed to the sidecar
+//! itself (`127.0.0.1:4140`, `localhost:4140`). Answers 202 once the events are on disk.
+
+use super::Events;
+use super::outbox::NewEvent;
+use super::wire::{self, Invalid, Mode};
+use crate::errors::HEADER;
+use crate::transport::{Body, BoxError};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use sinew_proto::policy::validate_topic;
+use sinew_proto::v1::StoredEvent;
+use std::sync::atomic::Ordering;
+
+const PREFIX: &str = "/v1/events/";
+const BATCH_SUFFIX: &str = ":batch";
+
+/// Whether a request on the outbound port is for the events API: its path is under
+/// `/v1/events/` and it is addressed to the sidecar itself (an IP address or `localhost`,
+/// never a mesh service name).
+pub fn is_events_request<B>(request: &Request<B>) -> bool {
+    if !request.uri().path().starts_with(PREFIX) {
+        return false;
+    }
+    let host = match request.uri().host() {
+        Some(host) => Some(host.to_string()),
+        None => request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|a| a.host().to_string()),
+    };
+    match host {
+        None => true,
+        Some(host) => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
+        }
+    }
+}
+
+/// A refusal: status, `sinew-error` reason and message.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(e: Invalid) -> Self {
+        let reason = match e.status {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+            StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+            _ => "bad-request",
+        };
+        Refusal::new(e.status, reason, e.message)
+    }
+}
+
+impl Events {
+    /// Serves one request of the events API; never fails (errors are answers).
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self.publish(request).await {
+            Ok((status, body)) => json(status, &body),
+            Err(refusal) => {
+                metrics::counter!("sinew_events_refused_total", "reason" => refusal.reason)
+                    .increment(1);
+                let mut response = json(
+                    refusal.status,
+                    &serde_json::json!({"error": refusal.message, "reason": refusal.reason}),
+                );
+                response
+                    .headers_mut()
+                    .insert(HEADER, HeaderValue::from_static(refusal.reason));
+                if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
+                    response
+                        .headers_mut()
+                        .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+                }
+                response
+            }
+        }
+    }
+
+    async fn publish<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<(StatusCode, serde_json::Value), Refusal>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if request.method() != http::Method::POST {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "publish with POST /v1/events/<topic>",
+            ));
+        }
+        let rest = &request.uri().path()[PREFIX.len()..];
+        let (topic, batch) = match rest.strip_suffix(BATCH_SUFFIX) {
+            Some(topic) => (topic.to_string(), true),
+            None => (rest.to_string(), false),
+        };
+        validate_topic(&topic)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad-request", e))?;
+        let snapshot = self.shared.snapshot.load();
+        if snapshot.version == 0 {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "no configuration from the control plane yet: the subscribers are unknown",
+            ));
+        }
+        let subscriptions: Vec<String> = snapshot
+            .subscribers(&topic)
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let events = if batch {
+            let (parts, body) = request.into_parts();
+            let body = read(&parts.headers, body, self.limits.max_batch_bytes).await?;
+            self.parse_batch(&topic, content_type.as_deref(), &body)?
+        } else {
+            let mode = wire::mode(content_type.as_deref()).map_err(Refusal::invalid)?;
+            // Structured mode carries the data inside JSON (base64 grows it by a third).
+            let limit = match mode {
+                Mode::Binary => self.limits.max_event_bytes,
+                Mode::Structured => self.limits.max_event_bytes / 3 * 4 + 64 * 1024,
+            };
+            let (parts, body) = request.into_parts();
+            let body = read(&parts.headers, body, limit).await?;
+            let event = match mode {
+                Mode::Binary => wire::from_binary(&topic, &parts.headers, body, &self.origin),
+                Mode::Structured => serde_json::from_slice(&body)
+                    .map_err(|e| Invalid {
+                        status: StatusCode::BAD_REQUEST,
+                        message: format!("the body is not a CloudEvents JSON object: {e}"),
+                    })
+                    .and_then(|v| wire::from_json(&topic, &v, &self.origin)),
+            }
+            .map_err(Refusal::invalid)?;
+            self.check_size(&event).map_err(Refusal::invalid)?;
+            vec![event]
+        };
+        self.admit(&events, subscriptions.len())?;
+        let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+        let n = events.len() as u64;
+        if !subscriptions.is_empty() {
+            let new = events
+                .into_iter()
+                .map(|event| NewEvent {
+                    event,
+                    subscriptions: subscriptions.clone(),
+                })
+                .collect();
+            self.outbox.publish(new).await.map_err(|e| {
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outbox-unavailable",
+                    format!("the event was not stored: {e}"),
+                )
+            })?;
+        }
+        metrics::counter!("sinew_events_published_total", "topic" => topic.clone()).increment(n);
+        let body = if batch {
+            let results: Vec<serde_json::Value> = ids
+                .iter()
+                .map(|id| serde_json::json!({ "id": id }))
+                .collect();
+            serde_json::json!({ "topic": topic, "subscribers": subscriptions.len(), "results": results })
+        } else {
+            serde_json::json!({ "id": ids.first(), "topic": topic, "subscribers": subscriptions.len() })
+        };
+        Ok((StatusCode::ACCEPTED, body))
+    }
+
+    fn check_size(&self, event: &StoredEvent) -> Result<(), Invalid> {
+        if event.data.len() > self.limits.max_event_bytes {
+            return Err(Invalid {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: format!(
+                    "the event's data is {} bytes; at most {} are accepted",
+                    event.data.len(),
+                    self.limits.max_event_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A batch: a JSON array of CloudEvents objects. Every entry must be valid, or none is
+    /// stored and the answer names each bad entry.
+    fn parse_batch(
+        &self,
+        topic: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Vec<StoredEvent>, Refusal> {
+        let essence = content_type.map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+        if !matches!(
+            essence.as_deref(),
+            None | Some("application/json") | Some("application/cloudevents-batch+json")
+        ) {
+            return Err(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "a batch is a JSON array of CloudEvents (application/cloudevents-batch+json)",
+            ));
+        }
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("a batch is a JSON array of CloudEvents objects: {e}"),
+            )
+        })?;
+        if entries.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "the batch is empty",
+            ));
+        }
+        if entries.len() > self.limits.max_batch_events {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!(
+                    "the batch has {} events; at most {} are accepted",
+                    entries.len(),
+                    self.limits.max_batch_events
+                ),
+            ));
+        }
+        let mut events = Vec::with_capacity(entries.len());
+        let mut errors = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            match wire::from_json(topic, entry, &self.origin)
+                .and_then(|e| self.check_size(&e).map(|()| e))
+            {
+                Ok(event) => events.push(event),
+                Err(e) => errors.push(format!("[{i}]: {}", e.message)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!(
+                    "{} of {} events are invalid, none was stored: {}",
+                    errors.len(),
+                    entries.len(),
+                    errors.join("; ")
+                ),
+            ));
+        }
+        Ok(events)
+    }
+
+    /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth.
+    fn admit(&self, events: &[StoredEvent], subscribers: usize) -> Result<(), Refusal> {
+        if subscribers == 0 {
+            return Ok(());
+        }
+        let count = self.outbox.events.load(Ordering::Relaxed) + events.len() as u64;
+        let bytes = self.outbox.bytes.load(Ordering::Relaxed)
+            + events.iter().map(|e| e.data.len() as u64).sum::<u64>();
+        if count > self.limits.max_outbox_events || bytes > self.limits.max_outbox_bytes {
+            metrics::counter!("sinew_events_outbox_full_total").increment(1);
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox-full",
+                format!(
+                    "the outbox holds its limit ({} events or {} bytes) of undelivered events; retry later",
+                    self.limits.max_outbox_events, self.limits.max_outbox_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a body of at most `limit` bytes; past it, 413.
+async fn read<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if let Some(length) = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && length > limit
+    {
+        return Err(too_large(limit));
+    }
+    let body = Limited::new(body, limit);
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Err(e) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("reading the body: {e}"),
+        )),
+    }
+}
+
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("the body is larger than {limit} bytes"),
+    )
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{value}\n")))
+            .map_err(|never| -> BoxError { match never {} })
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_is_the_sidecar_itself_not_a_service() {
+        let at = |uri: &str, host: Option<&str>| {
+            let mut b = Request::post(uri);
+            if let Some(h) = host {
+                b = b.header("host", h);
+            }
+            is_events_request(&b.body(()).unwrap_or_default())
+        };
+        assert!(at("/v1/events/a", Some("127.0.0.1:4140")));
+        assert!(at("/v1/events/a", Some("localhost:4140")));
+        assert!(at("http://[::1]:4140/v1/events/a", None));
+        assert!(!at("/v1/events/a", Some("orders")));
+        assert!(!at("http://orders/v1/events/a", None));
+        assert!(!at("/v1/other", Some("127.0.0.1:4140")));
+    }
+}

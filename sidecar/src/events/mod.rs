@@ -1,0 +1,150 @@
+//! Events: durable at-least-once fan-out through the sidecars, with no broker to install.
+//!
+//! The journey of an event (`orders` publishes `order.created`; `billing` subscribes):
+//!
+//! 1. The app posts it to its own sidecar: `POST http://127.0.0.1:4140/v1/events/order.created`
+//!    ([`api`]; CloudEvents binary or structured mode, or a batch). The sidecar validates it,
+//!    looks up the topic's subscriptions in the snapshot (`kind: Subscription` policy, pushed
+//!    to every sidecar) and writes the event plus one delivery row per subscription to the
+//!    outbox ([`outbox`], redb). It answers 202 only after the commit is on disk; concurrent
+//!    publishes share one commit.
+//! 2. The [`dispatch`]er owns the pending deliveries. It sends each to ONE instance of the
+//!    subscribing service through the normal outbound path (`POST <path>` with CloudEvents
+//!    binary headers, so balancing, breakers and mTLS apply): a service is a consumer group.
+//!    Events with the same `sinew-key` go one at a time in publish order; others go
+//!    concurrently up to `max_in_flight`.
+//! 3. 2xx: delivered, the row goes. 429, 5xx, timeouts, connect failures: retried with
+//!    exponential backoff and full jitter (at least `Retry-After`). Other answers, or
+//!    `max_attempts` used up: the event moves to the dead letters (and to the subscription's
+//!    `dead_letter_topic`, if set), where `sinewctl events` lists, replays or purges it.
+//! 4. An event leaves the outbox when its last delivery row goes. A sidecar killed at any
+//!    point restarts from the rows on disk: nothing acknowledged is lost, and a delivery may
+//!    be made twice (same `ce-id`), which subscribers de-duplicate.
+//!
+//! Not built yet, the scale-out backend (`--events-backend nats`), planned as: one JetStream
+//! stream `SINEW_EVENTS` on `sinew.events.>` (publish = a JetStream publish with
+//! `Nats-Msg-Id` = the event id, 202 on the PubAck); per subscription a durable pull consumer
+//! created by the subscribing service's sidecars, which pull and deliver to their own app with
+//! the rules above, ack after 2xx, nak with the backoff, and term + copy to `SINEW_DEAD` when
+//! refused or `max_deliver` is reached. Per-key order needs one puller per key at a time:
+//! keys hashed onto partition subjects, each partition's consumer pinned to one instance.
+//!
+//! Dead letters stay in the sidecar that published the event. The control plane asks every
+//! connected sidecar over its control stream (`EventsRequest`/`EventsReply`) when
+//! `sinewctl events` runs; the sidecar's admin port shows its own at `/events/dead-letters`.
+
+pub mod api;
+pub mod dispatch;
+pub mod outbox;
+pub mod wire;
+
+use crate::outbound::Outbound;
+use crate::state::Shared;
+use crate::transport::Transport;
+use outbox::{Filter, Outbox};
+use sinew_proto::v1::{EventsReply, EventsRequest, events_request};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The sizes the events API and the outbox accept (sidecar flags; see `config.rs`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// One event's data. Default 1 MiB.
+    pub max_event_bytes: usize,
+    /// One batch request's body. Default 16 MiB.
+    pub max_batch_bytes: usize,
+    /// Events in one batch. Default 1000.
+    pub max_batch_events: usize,
+    /// Undelivered events the outbox holds before publishes get 503 `outbox-full`.
+    /// Default 100,000.
+    pub max_outbox_events: u64,
+    /// Their data bytes. Default 256 MiB.
+    pub max_outbox_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: 1024 * 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_batch_events: 1000,
+            max_outbox_events: 100_000,
+            max_outbox_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct Events {
+    pub outbox: Arc<Outbox>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    origin: wire::Origin,
+}
+
+impl Events {
+    /// Opens the outbox in `data_dir` and starts delivering what it holds.
+    pub fn start<T: Transport>(
+        shared: Arc<Shared>,
+        outbound: Arc<Outbound<T>>,
+        data_dir: &Path,
+        limits: Limits,
+    ) -> anyhow::Result<Arc<Events>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (outbox, recovered) = Outbox::open(&data_dir.join("outbox.redb"), tx)?;
+        let outbox = Arc::new(outbox);
+        tokio::spawn(dispatch::Dispatcher::run(
+            shared.clone(),
+            outbound,
+            outbox.clone(),
+            recovered,
+            rx,
+        ));
+        let origin = wire::Origin {
+            source: format!("/svc/{}", shared.service),
+        };
+        Ok(Arc::new(Events {
+            outbox,
+            limits,
+            shared,
+            origin,
+        }))
+    }
+
+    /// Answers the control plane's question about this sidecar's dead letters.
+    pub async fn answer(&self, request: EventsRequest) -> EventsReply {
+        let filter = Filter {
+            topic: request.topic.clone(),
+            service: request.service.clone(),
+            event_ids: request.event_ids.clone(),
+        };
+        let mut reply = EventsReply {
+            id: request.id,
+            ..EventsReply::default()
+        };
+        let op = events_request::Op::try_from(request.op).unwrap_or(events_request::Op::List);
+        match op {
+            events_request::Op::List => {
+                let limit = if request.limit == 0 {
+                    1000
+                } else {
+                    request.limit as usize
+                };
+                match self.outbox.dead_letters(&filter, limit) {
+                    Ok((matched, entries)) => {
+                        reply.matched = matched;
+                        reply.dead_letters = entries;
+                    }
+                    Err(e) => reply.error = e.to_string(),
+                }
+            }
+            events_request::Op::Replay | events_request::Op::Purge => {
+                let replay = op == events_request::Op::Replay;
+                match self.outbox.admin(replay, filter).await {
+                    Ok(n) => reply.matched = n,
+                    Err(e) => reply.error = e,
+                }
+            }
+        }
+        reply
+    }
+}

@@ -1,0 +1,630 @@
+//! The durable outbox: one redb file, `<data-dir>/outbox.redb`, written by one thread.
+//!
+//! Tables:
+//! - `events`: seq -> [`StoredEvent`] (the event as published);
+//! - `deliveries`: (subscription, seq) -> [`DeliveryState`] (one per subscriber still owed it);
+//! - `dead_letters`: (subscription, seq) -> [`DeadLetterRecord`] (the event copied in).
+//!
+//! Every change goes through the writer thread as an [`Op`]. The thread takes whatever ops
+//! are queued, applies them in ONE write transaction and commits it durably (fsync) before
+//! it answers any of them: a publish is acknowledged only once it is on disk, and a burst of
+//! publishes shares one fsync (group commit). After the commit the thread hands the new
+//! deliveries to the dispatcher. An event row goes when its last delivery row goes
+//! (delivered, dead-lettered, or its subscription deleted).
+//!
+//! Readers (the dispatcher loading an event to deliver it, the admin listing dead letters)
+//! use read transactions beside the writer.
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sinew_proto::v1::{DeadLetter, DeadLetterRecord, DeliveryState, StoredEvent};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
+const DELIVERIES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("deliveries");
+const DEAD: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+
+/// How many ops one transaction takes at most.
+const BATCH: usize = 4096;
+
+/// A delivery the dispatcher must make (new, recovered at start, or replayed).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub subscription: String,
+    pub seq: u64,
+    pub key: String,
+    pub topic: String,
+    pub attempts: u32,
+    pub next_unix_ms: i64,
+    pub stored_unix_ms: i64,
+}
+
+/// An event to store, with the subscriptions that must receive it.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub event: StoredEvent,
+    pub subscriptions: Vec<String>,
+}
+
+/// Which dead letters an admin operation touches; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub topic: String,
+    pub service: String,
+    pub event_ids: Vec<String>,
+}
+
+impl Filter {
+    fn matches(&self, record: &DeadLetterRecord) -> bool {
+        let event = record.event.as_ref();
+        (self.topic.is_empty() || event.is_some_and(|e| e.topic == self.topic))
+            && (self.service.is_empty() || record.service == self.service)
+            && (self.event_ids.is_empty() || event.is_some_and(|e| self.event_ids.contains(&e.id)))
+    }
+}
+
+/// A change to the outbox.
+#[derive(Debug)]
+pub enum Op {
+    Publish {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Delivered, or its subscription is gone: the delivery row goes.
+    Done { subscription: String, seq: u64 },
+    /// An attempt failed; the next one is due at `next_unix_ms`.
+    Retry {
+        subscription: String,
+        seq: u64,
+        state: DeliveryState,
+    },
+    /// Failed for good: moved to the dead letters, and published again to `republish`
+    /// (the subscription's dead-letter topic, with that topic's subscriptions), if set.
+    Dead {
+        subscription: String,
+        service: String,
+        seq: u64,
+        attempts: u32,
+        error: String,
+        republish: Option<(String, Vec<String>)>,
+    },
+    /// Dead letters matching the filter become pending deliveries again.
+    Replay {
+        filter: Filter,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    Purge {
+        filter: Filter,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+}
+
+/// What the publish side needs: the writer's queue and the fill level.
+pub struct Outbox {
+    db: Arc<Database>,
+    ops: mpsc::Sender<Op>,
+    /// Events stored and not yet delivered to every subscriber, and their data bytes.
+    pub events: Arc<AtomicU64>,
+    pub bytes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("events", &self.events.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(
+        "cannot open the outbox {path}: {source} (is another sidecar using the same --data-dir?)"
+    )]
+    Open {
+        path: String,
+        source: redb::DatabaseError,
+    },
+    #[error("outbox: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("outbox: a stored record does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("the outbox writer has stopped")]
+    Stopped,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for OutboxError {
+            fn from(e: $t) -> Self {
+                OutboxError::Redb(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+impl Outbox {
+    /// Opens (or creates) the outbox, recovers what is pending, and starts the writer
+    /// thread. Returns the outbox and the deliveries still owed (in seq order); the writer
+    /// sends every later delivery to `dispatch`.
+    pub fn open(
+        path: &Path,
+        dispatch: mpsc::UnboundedSender<Vec<Pending>>,
+    ) -> Result<(Outbox, Vec<Pending>), OutboxError> {
+        let db = Database::create(path).map_err(|source| OutboxError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let db = Arc::new(db);
+        let mut writer = Writer {
+            db: db.clone(),
+            live: BTreeMap::new(),
+            live_bytes: 0,
+            next_seq: 1,
+            events: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::new(AtomicU64::new(0)),
+            dispatch,
+        };
+        let pending = writer.recover()?;
+        let (ops, rx) = mpsc::channel(BATCH);
+        let outbox = Outbox {
+            db,
+            ops,
+            events: writer.events.clone(),
+            bytes: writer.bytes.clone(),
+        };
+        std::thread::Builder::new()
+            .name("sinew-outbox".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| OutboxError::Redb(redb::Error::Io(e)))?;
+        Ok((outbox, pending))
+    }
+
+    /// Stores events durably; resolves once they are on disk.
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.ops
+            .send(Op::Publish { events, reply })
+            .await
+            .map_err(|_| OutboxError::Stopped.to_string())?;
+        answer.await.map_err(|_| OutboxError::Stopped.to_string())?
+    }
+
+    /// Queues a change whose outcome nobody waits for (delivery bookkeeping: losing one
+    /// to a crash means a delivery is made again, which at-least-once allows).
+    pub async fn send(&self, op: Op) {
+        if self.ops.send(op).await.is_err() {
+            tracing::error!("{}", OutboxError::Stopped);
+        }
+    }
+
+    /// Replays or purges dead letters; returns how many.
+    pub async fn admin(&self, replay: bool, filter: Filter) -> Result<u64, String> {
+        let (reply, answer) = oneshot::channel();
+        let op = if replay {
+            Op::Replay { filter, reply }
+        } else {
+            Op::Purge { filter, reply }
+        };
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| OutboxError::Stopped.to_string())?;
+        answer.await.map_err(|_| OutboxError::Stopped.to_string())?
+    }
+
+    /// The stored event `seq`, if it is still there.
+    pub fn event(&self, seq: u64) -> Result<Option<StoredEvent>, OutboxError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let Some(row) = table.get(seq)? else {
+            return Ok(None);
+        };
+        Ok(Some(StoredEvent::decode(row.value())?))
+    }
+
+    /// Dead letters matching `filter`: how many, and the first `limit` of them.
+    pub fn dead_letters(
+        &self,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<(u64, Vec<DeadLetter>), OutboxError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DEAD)?;
+        let mut matched = 0;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let record = DeadLetterRecord::decode(value.value())?;
+            if !filter.matches(&record) {
+                continue;
+            }
+            matched += 1;
+            if out.len() < limit {
+                let (subscription, _) = key.value();
+                out.push(summary(subscription, &record));
+            }
+        }
+        Ok((matched, out))
+    }
+}
+
+fn summary(subscription: &str, record: &DeadLetterRecord) -> DeadLetter {
+    let event = record.event.clone().unwrap_or_default();
+    DeadLetter {
+        event_id: event.id,
+        topic: event.topic,
+        subscription: subscription.to_string(),
+        service: record.service.clone(),
+        attempts: record.attempts,
+        last_error: record.last_error.clone(),
+        published_unix_ms: event.stored_unix_ms,
+        dead_unix_ms: record.dead_unix_ms,
+        node_id: String::new(),
+        size: event.data.len() as u64,
+    }
+}
+
+/// A stored event the writer tracks: how many deliveries it still owes, and its size.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    owed: u32,
+    bytes: u64,
+    stored_unix_ms: i64,
+}
+
+struct Writer {
+    db: Arc<Database>,
+    live: BTreeMap<u64, Live>,
+    /// The data bytes of the `live` events.
+    live_bytes: u64,
+    next_seq: u64,
+    events: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    dispatch: mpsc::UnboundedSender<Vec<Pending>>,
+}
+
+/// What one transaction produced, to hand out after the commit.
+#[derive(Default)]
+struct Effects {
+    pending: Vec<Pending>,
+    publish_replies: Vec<oneshot::Sender<Result<(), String>>>,
+    admin_replies: Vec<(oneshot::Sender<Result<u64, String>>, u64)>,
+}
+
+impl Writer {
+    /// Rebuilds the in-memory view from the tables: every delivery row is owed again.
+    /// Events nobody is owed any more (a crash between steps) are removed.
+    fn recover(&mut self) -> Result<Vec<Pending>, OutboxError> {
+        let txn = self.db.begin_write()?;
+        let mut pending = Vec::new();
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let deliveries = txn.open_table(DELIVERIES)?;
+            let dead = txn.open_table(DEAD)?;
+            let mut headers: BTreeMap<u64, (String, String, Live)> = BTreeMap::new();
+            for row in events.iter()? {
+                let (seq, value) = row?;
+                let event = StoredEvent::decode(value.value())?;
+                let live = Live {
+                    owed: 0,
+                    bytes: event.data.len() as u64,
+                    stored_unix_ms: event.stored_unix_ms,
+                };
+                headers.insert(seq.value(), (event.key, event.topic, live));
+            }
+            for row in deliveries.iter()? {
+                let (key, value) = row?;
+                let (subscription, seq) = key.value();
+                let state = DeliveryState::decode(value.value())?;
+                let Some((key, topic, live)) = headers.get_mut(&seq) else {
+                    continue;
+                };
+                live.owed += 1;
+                pending.push(Pending {
+                    subscription: subscription.to_string(),
+                    seq,
+                    key: key.clone(),
+                    topic: topic.clone(),
+                    attempts: state.attempts,
+                    next_unix_ms: state.next_unix_ms,
+                    stored_unix_ms: live.stored_unix_ms,
+                });
+            }
+            let mut max_seq = headers.keys().next_back().copied().unwrap_or(0);
+            if let Some(row) = dead.last()? {
+                max_seq = max_seq.max(row.0.value().1);
+            }
+            self.next_seq = max_seq + 1;
+            for (seq, (_, _, live)) in headers {
+                if live.owed == 0 {
+                    events.remove(seq)?;
+                } else {
+                    self.live_bytes += live.bytes;
+                    self.live.insert(seq, live);
+                }
+            }
+        }
+        txn.commit()?;
+        pending.sort_by_key(|p| p.seq);
+        self.publish_gauges();
+        if !pending.is_empty() {
+            tracing::info!(
+                deliveries = pending.len(),
+                events = self.live.len(),
+                "resuming pending deliveries from the outbox"
+            );
+        }
+        Ok(pending)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = vec![first];
+            while ops.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let live_before = self.live.clone();
+            let (next_seq_before, live_bytes_before) = (self.next_seq, self.live_bytes);
+            let mut effects = Effects::default();
+            let result = self.apply_inner(ops, &mut effects);
+            // The fill level first: a publisher that hears 202 and publishes again must be
+            // measured against it.
+            if result.is_err() {
+                self.live = live_before;
+                self.next_seq = next_seq_before;
+                self.live_bytes = live_bytes_before;
+            }
+            self.publish_gauges();
+            match result {
+                Ok(()) => {
+                    for reply in effects.publish_replies {
+                        let _ = reply.send(Ok(()));
+                    }
+                    for (reply, n) in effects.admin_replies {
+                        let _ = reply.send(Ok(n));
+                    }
+                    if !effects.pending.is_empty() {
+                        let _ = self.dispatch.send(effects.pending);
+                    }
+                }
+                Err(error) => {
+                    // Nothing of the transaction happened: put the memory back and tell
+                    // every waiting publisher (bookkeeping ops are lost; their deliveries
+                    // stay owed on disk and are made again after a restart).
+                    tracing::error!("outbox write failed: {error}");
+                    for reply in effects.publish_replies {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                    for (reply, _) in effects.admin_replies {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `ops` in one durable transaction, collecting what to hand out after it.
+    fn apply_inner(&mut self, ops: Vec<Op>, effects: &mut Effects) -> Result<(), OutboxError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut deliveries = txn.open_table(DELIVERIES)?;
+            let mut dead = txn.open_table(DEAD)?;
+            let mut tables = Tables {
+                events: &mut events,
+                deliveries: &mut deliveries,
+                dead: &mut dead,
+            };
+            for op in ops {
+                match op {
+                    Op::Publish { events, reply } => {
+                        effects.publish_replies.push(reply);
+                        for new in events {
+                            self.store(&mut tables, new, effects)?;
+                        }
+                    }
+                    Op::Done { subscription, seq } => {
+                        tables.deliveries.remove((subscription.as_str(), seq))?;
+                        self.settle(&mut tables, seq)?;
+                    }
+                    Op::Retry {
+                        subscription,
+                        seq,
+                        state,
+                    } => {
+                        let key = (subscription.as_str(), seq);
+                        if tables.deliveries.get(key)?.is_some() {
+                            tables
+                                .deliveries
+                                .insert(key, state.encode_to_vec().as_slice())?;
+                        }
+                    }
+                    Op::Dead {
+                        subscription,
+                        service,
+                        seq,
+                        attempts,
+                        error,
+                        republish,
+                    } => {
+                        let key = (subscription.as_str(), seq);
+                        if tables.deliveries.remove(key)?.is_none() {
+                            continue;
+                        }
+                        let event = match tables.events.get(seq)? {
+                            Some(row) => StoredEvent::decode(row.value())?,
+                            None => continue,
+                        };
+                        let again = republish.map(|(topic, subscriptions)| NewEvent {
+                            event: StoredEvent {
+                                topic,
+                                stored_unix_ms: unix_ms(),
+                                ..event.clone()
+                            },
+                            subscriptions,
+                        });
+                        let record = DeadLetterRecord {
+                            event: Some(event),
+                            subscription: subscription.clone(),
+                            service,
+                            attempts,
+                            last_error: error,
+                            dead_unix_ms: unix_ms(),
+                        };
+                        tables.dead.insert(key, record.encode_to_vec().as_slice())?;
+                        self.settle(&mut tables, seq)?;
+                        if let Some(new) = again {
+                            self.store(&mut tables, new, effects)?;
+                        }
+                    }
+                    Op::Replay { filter, reply } => {
+                        let matching = matching(tables.dead, &filter)?;
+                        let n = matching.len() as u64;
+                        for ((subscription, seq), record) in matching {
+                            tables.dead.remove((subscription.as_str(), seq))?;
+                            let Some(mut event) = record.event else {
+                                continue;
+                            };
+                            // A replayed event goes to the back, as a new publish would; its
+                            // id (what subscribers de-duplicate on) is kept.
+                            event.stored_unix_ms = unix_ms();
+                            let new = NewEvent {
+                                event,
+                                subscriptions: vec![subscription],
+                            };
+                            self.store(&mut tables, new, effects)?;
+                        }
+                        effects.admin_replies.push((reply, n));
+                    }
+                    Op::Purge { filter, reply } => {
+                        let matching = matching(tables.dead, &filter)?;
+                        let n = matching.len() as u64;
+                        for ((subscription, seq), _) in matching {
+                            tables.dead.remove((subscription.as_str(), seq))?;
+                        }
+                        effects.admin_replies.push((reply, n));
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Writes one event and its delivery rows (none: it is not stored at all).
+    fn store(
+        &mut self,
+        tables: &mut Tables<'_, '_>,
+        new: NewEvent,
+        effects: &mut Effects,
+    ) -> Result<(), OutboxError> {
+        if new.subscriptions.is_empty() {
+            return Ok(());
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let event = new.event;
+        tables
+            .events
+            .insert(seq, event.encode_to_vec().as_slice())?;
+        let state = DeliveryState::default().encode_to_vec();
+        for subscription in &new.subscriptions {
+            tables
+                .deliveries
+                .insert((subscription.as_str(), seq), state.as_slice())?;
+            effects.pending.push(Pending {
+                subscription: subscription.clone(),
+                seq,
+                key: event.key.clone(),
+                topic: event.topic.clone(),
+                attempts: 0,
+                next_unix_ms: 0,
+                stored_unix_ms: event.stored_unix_ms,
+            });
+        }
+        let bytes = event.data.len() as u64;
+        self.live_bytes += bytes;
+        self.live.insert(
+            seq,
+            Live {
+                owed: new.subscriptions.len() as u32,
+                bytes,
+                stored_unix_ms: event.stored_unix_ms,
+            },
+        );
+        Ok(())
+    }
+
+    /// One delivery of `seq` is settled; the event goes when none is owed any more.
+    fn settle(&mut self, tables: &mut Tables<'_, '_>, seq: u64) -> Result<(), OutboxError> {
+        let Some(live) = self.live.get_mut(&seq) else {
+            return Ok(());
+        };
+        live.owed = live.owed.saturating_sub(1);
+        if live.owed == 0 {
+            self.live_bytes = self.live_bytes.saturating_sub(live.bytes);
+            self.live.remove(&seq);
+            tables.events.remove(seq)?;
+        }
+        Ok(())
+    }
+
+    fn publish_gauges(&self) {
+        let bytes = self.live_bytes;
+        self.events.store(self.live.len() as u64, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        metrics::gauge!("sinew_outbox_events").set(self.live.len() as f64);
+        metrics::gauge!("sinew_outbox_bytes").set(bytes as f64);
+        let oldest = self.live.values().next().map_or(0.0, |l| {
+            (unix_ms() - l.stored_unix_ms).max(0) as f64 / 1000.0
+        });
+        metrics::gauge!("sinew_outbox_oldest_pending_seconds").set(oldest);
+    }
+}
+
+struct Tables<'a, 't> {
+    events: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    deliveries: &'a mut redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    dead: &'a mut redb::Table<'t, (&'static str, u64), &'static [u8]>,
+}
+
+/// A dead letter with its key (subscription, seq).
+type Keyed = ((String, u64), DeadLetterRecord);
+
+/// The dead letters matching `filter`, by key.
+fn matching(
+    dead: &redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    filter: &Filter,
+) -> Result<Vec<Keyed>, OutboxError> {
+    let mut out = Vec::new();
+    for row in dead.iter()? {
+        let (key, value) = row?;
+        let record = DeadLetterRecord::decode(value.value())?;
+        if filter.matches(&record) {
+            let (subscription, seq) = key.value();
+            out.push(((subscription.to_string(), seq), record));
+        }
+    }
+    Ok(out)
+}
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

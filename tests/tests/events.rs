@@ -1,0 +1,649 @@
+//! Event fan-out end to end (embedded outbox backend): real control plane, real sidecars,
+//! real subscriber apps (sinew-testapp's `/events/...` sink), publishes over HTTP to the
+//! publisher's sidecar.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use sinew_e2e::*;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A mesh with a publisher (`orders`, one instance) and subscriber services.
+struct EventMesh {
+    mesh: Mesh,
+    client: HttpClient,
+    publisher: Proc,
+    _publisher_app: Proc,
+    /// Per subscriber service: (app, sidecar) per instance.
+    subscribers: BTreeMap<String, Vec<(Proc, Proc)>>,
+}
+
+impl EventMesh {
+    async fn start(test: &str, services: &[(&str, usize)], policy: &str, extra: &[&str]) -> Self {
+        let mesh = Mesh::start(test);
+        let client = http_client();
+        let out = mesh.apply(policy);
+        assert!(out.status.success(), "{out:?}");
+        let mut subscribers = BTreeMap::new();
+        for (service, n) in services {
+            let mut instances = Vec::new();
+            for i in 1..=*n {
+                let node = format!("{service}-{i}");
+                let app = mesh.app(&node);
+                let sidecar = mesh.sidecar(&node, service, app.addr("http"), &[]);
+                instances.push((app, sidecar));
+            }
+            subscribers.insert(service.to_string(), instances);
+        }
+        let app = mesh.app("orders-1");
+        let publisher = mesh.sidecar("orders-1", "orders", app.addr("http"), extra);
+        wait_ready(&client, &publisher).await;
+        for (service, instances) in &subscribers {
+            for (_, sidecar) in instances {
+                wait_ready(&client, sidecar).await;
+            }
+            wait_endpoints(&client, &publisher, service, instances.len()).await;
+        }
+        EventMesh {
+            mesh,
+            client,
+            publisher,
+            _publisher_app: app,
+            subscribers,
+        }
+    }
+
+    fn apps(&self, service: &str) -> impl Iterator<Item = &Proc> {
+        self.subscribers[service].iter().map(|(app, _)| app)
+    }
+
+    /// Sets every app of `service` to answer events with `code`.
+    async fn answer_with(&self, service: &str, code: u16) {
+        for app in self.apps(service) {
+            let path = format!("/control/event-status?code={code}");
+            let answer = get(&self.client, app.addr("http"), "app", &path)
+                .await
+                .unwrap();
+            assert_eq!(answer.status, 200);
+        }
+    }
+
+    /// What each app of `service` accepted: (id, key, body) in arrival order, per instance.
+    async fn received(&self, service: &str) -> Vec<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for app in self.apps(service) {
+            let answer = get(&self.client, app.addr("http"), "app", "/control/received")
+                .await
+                .unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+            let accepted = json["accepted"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let s = |i: usize| e[i].as_str().unwrap_or_default().to_string();
+                    (s(0), s(1), s(2))
+                })
+                .collect();
+            out.push(accepted);
+        }
+        out
+    }
+
+    /// Distinct ids `service` accepted, and how many deliveries were duplicates.
+    async fn distinct(&self, service: &str) -> (HashSet<String>, usize) {
+        let mut ids = HashSet::new();
+        let mut total = 0;
+        for instance in self.received(service).await {
+            total += instance.len();
+            ids.extend(instance.into_iter().map(|(id, _, _)| id));
+        }
+        let duplicates = total - ids.len();
+        (ids, duplicates)
+    }
+
+    async fn wait_received(&self, service: &str, n: usize, within: Duration) {
+        let what = format!("{service} to receive {n} distinct events");
+        wait_until(&what, within, || async {
+            self.distinct(service).await.0.len() >= n
+        })
+        .await;
+    }
+}
+
+/// POSTs to the sidecar's events API.
+async fn post(
+    client: &HttpClient,
+    outbound: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut request = http::Request::post(format!("http://{outbound}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body.into())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// Publishes `n` events in batches of 100 (ids `<prefix>-<i>`); asserts each batch is 202.
+async fn publish_batches(
+    client: &HttpClient,
+    outbound: SocketAddr,
+    topic: &str,
+    prefix: &str,
+    n: usize,
+) {
+    for start in (0..n).step_by(100) {
+        let batch: Vec<serde_json::Value> = (start..(start + 100).min(n))
+            .map(|i| serde_json::json!({"id": format!("{prefix}-{i}"), "data": {"n": i}}))
+            .collect();
+        let answer = post(
+            client,
+            outbound,
+            &format!("/v1/events/{topic}:batch"),
+            &[("content-type", "application/cloudevents-batch+json")],
+            serde_json::to_vec(&batch).unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, 202, "{}", answer.text());
+    }
+}
+
+fn subscription(name: &str, topic: &str, service: &str, delivery: &str) -> String {
+    format!(
+        "kind: Subscription\nname: {name}\nspec:\n  topic: {topic}\n  service: {service}\n  delivery: {delivery}\n---\n"
+    )
+}
+
+const FAST: &str = "{max_attempts: 1000, backoff: {base: 20ms, max: 300ms}, timeout: 2s}";
+
+/// Tests 1 and 2: 10,000 events fan out to two services of two instances each; every
+/// service gets every id, its instances share the load. Then, with thousands pending, the
+/// publisher's sidecar is SIGKILLed and restarted: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_to_every_service_and_survive_a_publisher_kill() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST)
+        + &subscription("email-orders", "order.created", "email", FAST);
+    let mut m = EventMesh::start(
+        "events-fanout",
+        &[("billing", 2), ("email", 2)],
+        &policy,
+        &[],
+    )
+    .await;
+    let outbound = m.publisher.addr("outbound");
+    let started = std::time::Instant::now();
+    publish_batches(&m.client, outbound, "order.created", "a", 10_000).await;
+    let published = started.elapsed();
+    for service in ["billing", "email"] {
+        m.wait_received(service, 10_000, Duration::from_secs(120))
+            .await;
+    }
+    let delivered = started.elapsed();
+    for service in ["billing", "email"] {
+        let (ids, duplicates) = m.distinct(service).await;
+        let want: HashSet<String> = (0..10_000).map(|i| format!("a-{i}")).collect();
+        assert_eq!(ids, want, "{service} got exactly the published ids");
+        let per_instance: Vec<usize> = m.received(service).await.iter().map(Vec::len).collect();
+        println!("{service}: 10000 ids, {duplicates} duplicates, per instance {per_instance:?}");
+        assert!(
+            per_instance.iter().all(|n| *n > 0),
+            "both instances of {service} share the load: {per_instance:?}"
+        );
+    }
+    println!(
+        "published 10000 in {published:?}; all delivered to both services after {delivered:?}"
+    );
+
+    // Test 2: billing refuses for now, so thousands stay pending; kill -9 the publisher.
+    m.answer_with("billing", 503).await;
+    publish_batches(&m.client, outbound, "order.created", "b", 3000).await;
+    let admin = m.publisher.addr("admin");
+    let pending = metric(&m.client, admin, "sinew_outbox_events").await;
+    println!("pending in the outbox before SIGKILL: {pending}");
+    assert!(pending >= 1000.0, "thousands pending: {pending}");
+    m.publisher.kill();
+    let app = m.mesh.app("orders-1b");
+    m.publisher = m.mesh.sidecar("orders-1", "orders", app.addr("http"), &[]);
+    m._publisher_app = app;
+    wait_ready(&m.client, &m.publisher).await;
+    m.answer_with("billing", 200).await;
+    m.wait_received("billing", 13_000, Duration::from_secs(120))
+        .await;
+    m.wait_received("email", 13_000, Duration::from_secs(120))
+        .await;
+    for service in ["billing", "email"] {
+        let (ids, duplicates) = m.distinct(service).await;
+        let missing = (0..3000)
+            .map(|i| format!("b-{i}"))
+            .filter(|id| !ids.contains(id))
+            .count();
+        println!(
+            "{service} after the kill: {} ids, {duplicates} duplicates, {missing} missing",
+            ids.len()
+        );
+        assert_eq!(missing, 0);
+    }
+    let admin = m.publisher.addr("admin");
+    wait_until("the outbox to empty", Duration::from_secs(30), || async {
+        metric(&m.client, admin, "sinew_outbox_events").await == 0.0
+    })
+    .await;
+}
+
+/// Test 3: a subscriber that is down for a while gets everything once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_down_for_a_while_gets_everything_after() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST);
+    let mut m = EventMesh::start("events-down", &[("billing", 1)], &policy, &[]).await;
+    let outbound = m.publisher.addr("outbound");
+    // The subscriber's sidecar goes away (its instance leaves the endpoint set).
+    let mut instances = m.subscribers.remove("billing").unwrap();
+    let (app, mut sidecar) = instances.remove(0);
+    sidecar.terminate();
+    wait_endpoints(&m.client, &m.publisher, "billing", 0).await;
+    publish_batches(&m.client, outbound, "order.created", "d", 300).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sidecar = m
+        .mesh
+        .sidecar("billing-1", "billing", app.addr("http"), &[]);
+    let back = std::time::Instant::now();
+    m.subscribers.insert("billing".into(), vec![(app, sidecar)]);
+    m.wait_received("billing", 300, Duration::from_secs(30))
+        .await;
+    println!(
+        "all 300 delivered {:?} after the subscriber came back",
+        back.elapsed()
+    );
+    let retried = metric(
+        &m.client,
+        m.publisher.addr("admin"),
+        "sinew_events_retried_total",
+    )
+    .await;
+    assert!(retried > 0.0, "deliveries were retried while it was down");
+}
+
+/// Test 4: 400 → dead-lettered at once; 503 forever → after max attempts; both listed by
+/// `sinewctl events dead-letters`, replayed once the subscribers are fixed, then gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_and_purged() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST)
+        + &subscription(
+            "email-orders",
+            "order.created",
+            "email",
+            "{max_attempts: 3, backoff: {base: 10ms, max: 50ms}}",
+        );
+    let m = EventMesh::start("events-dead", &[("billing", 1), ("email", 1)], &policy, &[]).await;
+    m.answer_with("billing", 400).await;
+    m.answer_with("email", 503).await;
+    let outbound = m.publisher.addr("outbound");
+    for i in 0..5 {
+        let id = format!("dl-{i}");
+        let answer = post(
+            &m.client,
+            outbound,
+            "/v1/events/order.created",
+            &[("content-type", "text/plain"), ("ce-id", &id)],
+            format!("event {i}"),
+        )
+        .await;
+        assert_eq!(answer.status, 202, "{}", answer.text());
+    }
+    let admin = m.publisher.addr("admin");
+    wait_until("10 dead letters", Duration::from_secs(20), || async {
+        metric(&m.client, admin, "sinew_events_dead_lettered_total").await == 10.0
+    })
+    .await;
+    let out = m.mesh.sinewctl(&["events", "dead-letters"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(table.lines().count(), 11, "a header and 10 rows: {table}");
+    let billing: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("billing-orders"))
+        .collect();
+    assert!(
+        billing
+            .iter()
+            .all(|l| l.contains(" 1 ") && l.contains("400")),
+        "{billing:?}"
+    );
+    let email: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("email-orders"))
+        .collect();
+    assert!(
+        email.iter().all(|l| l.contains(" 3 ") && l.contains("503")),
+        "{email:?}"
+    );
+    // The event stays in the dead letters, not in the outbox.
+    assert_eq!(metric(&m.client, admin, "sinew_outbox_events").await, 0.0);
+
+    // Replay needs a filter or --all.
+    let out = m.mesh.sinewctl(&["events", "replay"]);
+    assert!(!out.status.success());
+    m.answer_with("billing", 200).await;
+    m.answer_with("email", 200).await;
+    let out = m
+        .mesh
+        .sinewctl(&["events", "replay", "--service", "billing"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 dead letters replayed"));
+    m.wait_received("billing", 5, Duration::from_secs(20)).await;
+    let out = m.mesh.sinewctl(&["events", "dead-letters"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.lines().count(), 6, "only email's 5 left: {table}");
+    assert!(!table.contains("billing"));
+    // Purge one by id, replay the rest by topic.
+    let out = m.mesh.sinewctl(&["events", "purge", "--id", "dl-0"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 dead letters purged"),
+        "{out:?}"
+    );
+    let out = m
+        .mesh
+        .sinewctl(&["events", "replay", "--topic", "order.created"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("4 dead letters replayed"),
+        "{out:?}"
+    );
+    m.wait_received("email", 4, Duration::from_secs(20)).await;
+    let (ids, _) = m.distinct("email").await;
+    assert!(!ids.contains("dl-0") && ids.contains("dl-4"));
+    let out = m.mesh.sinewctl(&["events", "dead-letters"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no dead letters"),
+        "{out:?}"
+    );
+}
+
+/// Test 5: events of one key arrive in publish order, even when first deliveries fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_under_concurrency_and_retries() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST);
+    let m = EventMesh::start("events-order", &[("billing", 2)], &policy, &[]).await;
+    for app in m.apps("billing") {
+        get(
+            &m.client,
+            app.addr("http"),
+            "app",
+            "/control/event-flaky?percent=30",
+        )
+        .await
+        .unwrap();
+    }
+    let outbound = m.publisher.addr("outbound");
+    let n = 400;
+    let mut publishes = Vec::new();
+    for i in 0..n {
+        let client = m.client.clone();
+        let key = format!("key-{}", i % 8);
+        // Each key's events are published one after another; keys interleave.
+        publishes.push((key, i));
+        if publishes.len() == 8 || i == n - 1 {
+            let batch = std::mem::take(&mut publishes);
+            let mut tasks = Vec::new();
+            for (key, i) in batch {
+                let client = client.clone();
+                tasks.push(tokio::spawn(async move {
+                    let answer = post(
+                        &client,
+                        outbound,
+                        "/v1/events/order.created",
+                        &[("content-type", "text/plain"), ("sinew-key", &key)],
+                        format!("{i}"),
+                    )
+                    .await;
+                    assert_eq!(answer.status, 202, "{}", answer.text());
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    }
+    m.wait_received("billing", n, Duration::from_secs(60)).await;
+    // Merge both instances' logs by key: a key's deliveries may go to either instance, but
+    // each is made only after the previous one was accepted, so per instance the order holds,
+    // and across instances every value appears once in increasing order of acceptance.
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for instance in m.received("billing").await {
+        for (_, key, body) in instance {
+            by_key.entry(key).or_default().push(body.parse().unwrap());
+        }
+    }
+    let retried = metric(
+        &m.client,
+        m.publisher.addr("admin"),
+        "sinew_events_retried_total",
+    )
+    .await;
+    println!("{} keys, {retried} retries", by_key.len());
+    assert!(
+        retried > 0.0,
+        "some first deliveries failed and were retried"
+    );
+    for instance in m.received("billing").await {
+        let mut last: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, key, body) in instance {
+            let v: u64 = body.parse().unwrap();
+            if let Some(prev) = last.insert(key.clone(), v) {
+                assert!(v > prev, "key {key}: {v} after {prev}");
+            }
+        }
+    }
+    assert_eq!(by_key.len(), 8);
+    for (key, values) in by_key {
+        let mut sorted = values.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), n / 8, "{key}: every event once");
+    }
+}
+
+/// Tests 6 and 7: subscriptions follow `sinewctl apply`/`delete` without restarts; bad
+/// input gets a clear 4xx and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_follow_policy_and_bad_input_is_refused() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST);
+    let m = EventMesh::start(
+        "events-policy",
+        &[("billing", 1), ("email", 1)],
+        &policy,
+        &[],
+    )
+    .await;
+    let outbound = m.publisher.addr("outbound");
+    let one = |id: &'static str| {
+        let client = m.client.clone();
+        async move {
+            post(
+                &client,
+                outbound,
+                "/v1/events/order.created",
+                &[("ce-id", id)],
+                "x",
+            )
+            .await
+        }
+    };
+    let answer = one("p-1").await;
+    assert_eq!(answer.status, 202);
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(
+        (json["id"].as_str(), json["subscribers"].as_u64()),
+        (Some("p-1"), Some(1))
+    );
+    // Add email's subscription: new events reach it.
+    let out = m.mesh.apply(&subscription(
+        "email-orders",
+        "order.created",
+        "email",
+        FAST,
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let admin = m.publisher.addr("admin");
+    wait_until("the new subscription", Duration::from_secs(10), || async {
+        config(&m.client, admin).await["subscriptions"]["email-orders"].is_object()
+    })
+    .await;
+    assert_eq!(one("p-2").await.status, 202);
+    m.wait_received("email", 1, Duration::from_secs(10)).await;
+    m.wait_received("billing", 2, Duration::from_secs(10)).await;
+    let (ids, _) = m.distinct("email").await;
+    assert_eq!(
+        ids,
+        HashSet::from(["p-2".to_string()]),
+        "p-1 was published before"
+    );
+    // Delete it again: email gets nothing new.
+    let out = m.mesh.sinewctl(&["delete", "subscription", "email-orders"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the deletion", Duration::from_secs(10), || async {
+        config(&m.client, admin).await["subscriptions"]["email-orders"].is_null()
+    })
+    .await;
+    let answer = one("p-3").await;
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(json["subscribers"].as_u64(), Some(1));
+    m.wait_received("billing", 3, Duration::from_secs(10)).await;
+    assert_eq!(m.distinct("email").await.0.len(), 1);
+    // An invalid subscription is refused with its field path.
+    let out = m
+        .mesh
+        .apply("kind: Subscription\nname: bad\nspec: {topic: 'a b', service: email}\n");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.topic"),
+        "{out:?}"
+    );
+
+    // Bad input.
+    let big = vec![b'x'; 1024 * 1024 + 1];
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Bytes, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "/v1/events/bad%20topic",
+            vec![],
+            Bytes::from_static(b"x"),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/events/a..b",
+            vec![],
+            Bytes::from_static(b"x"),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/events/order.created",
+            vec![],
+            Bytes::from(big),
+            413,
+            "too-large",
+        ),
+        (
+            "/v1/events/order.created",
+            vec![("content-type", "application/cloudevents+xml")],
+            Bytes::from_static(b"<e/>"),
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            "/v1/events/order.created",
+            vec![("content-type", "application/cloudevents+json")],
+            Bytes::from_static(b"{not json"),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/events/order.created:batch",
+            vec![("content-type", "application/json")],
+            Bytes::from_static(b"{\"not\": \"an array\"}"),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/events/order.created:batch",
+            vec![("content-type", "application/json")],
+            Bytes::from_static(b"[{\"id\": \"ok-1\"}, {\"specversion\": \"0.3\"}]"),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/events/order.created",
+            vec![("ce-specversion", "0.3")],
+            Bytes::from_static(b"x"),
+            400,
+            "bad-request",
+        ),
+    ];
+    for (path, headers, body, status, reason) in cases {
+        let answer = post(&m.client, outbound, path, &headers, body).await;
+        assert_eq!(
+            answer.status,
+            status,
+            "{path} {headers:?}: {}",
+            answer.text()
+        );
+        assert_eq!(answer.header("sinew-error"), Some(reason), "{path}");
+    }
+    let answer = get(&m.client, outbound, "127.0.0.1", "/v1/events/order.created")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 405);
+    // Nothing of it was stored or delivered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(&m.client, admin, "sinew_outbox_events").await, 0.0);
+    let (ids, _) = m.distinct("billing").await;
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(!ids.contains("ok-1"));
+}
+
+/// Test 8: past the outbox's bound, 503 `outbox-full`; once subscribers drain it,
+/// publishing works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_refuses_then_recovers() {
+    let policy = subscription("billing-orders", "order.created", "billing", FAST);
+    let m = EventMesh::start(
+        "events-full",
+        &[("billing", 1)],
+        &policy,
+        &["--outbox-max-events", "50"],
+    )
+    .await;
+    m.answer_with("billing", 503).await;
+    let outbound = m.publisher.addr("outbound");
+    publish_batches(&m.client, outbound, "order.created", "f", 50).await;
+    let answer = post(&m.client, outbound, "/v1/events/order.created", &[], "x").await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.header("sinew-error"), Some("outbox-full"));
+    m.answer_with("billing", 200).await;
+    m.wait_received("billing", 50, Duration::from_secs(30))
+        .await;
+    let admin = m.publisher.addr("admin");
+    wait_until("the outbox to drain", Duration::from_secs(10), || async {
+        metric(&m.client, admin, "sinew_outbox_events").await == 0.0
+    })
+    .await;
+    let answer = post(&m.client, outbound, "/v1/events/order.created", &[], "x").await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+}
