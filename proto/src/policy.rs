@@ -254,22 +254,10 @@ impl ServiceSpec {
 
     /// Decodes and validates what [`ServiceSpec::to_json`] wrote; `""` is every default.
     pub fn from_json(json: &str) -> Result<ServiceSpec, PolicyError> {
-        let doc = "policy".to_string();
         if json.is_empty() {
             return Ok(ServiceSpec::default());
         }
-        let de = &mut serde_json::Deserializer::from_str(json);
-        let spec: ServiceSpec = serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
-            document: doc.clone(),
-            path: field_path("spec", &e.path().to_string()),
-            reason: e.inner().to_string(),
-        })?;
-        spec.validate().map_err(|(path, reason)| PolicyError {
-            document: doc,
-            path,
-            reason,
-        })?;
-        Ok(spec)
+        decode_strict("policy", json, ServiceSpec::validate)
     }
 
     /// Checks what serde cannot: ranges and names. Returns the field path and the reason.
@@ -442,20 +430,7 @@ impl SubscriptionSpec {
 
     /// Decodes and validates what [`SubscriptionSpec::to_json`] wrote.
     pub fn from_json(json: &str) -> Result<SubscriptionSpec, PolicyError> {
-        let doc = "subscription".to_string();
-        let de = &mut serde_json::Deserializer::from_str(json);
-        let spec: SubscriptionSpec =
-            serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
-                document: doc.clone(),
-                path: field_path("spec", &e.path().to_string()),
-                reason: e.inner().to_string(),
-            })?;
-        spec.validate().map_err(|(path, reason)| PolicyError {
-            document: doc,
-            path,
-            reason,
-        })?;
-        Ok(spec)
+        decode_strict("subscription", json, SubscriptionSpec::validate)
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -528,6 +503,27 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
             "`{topic}` is not a valid topic (1-200 characters of A-Z, a-z, 0-9, '.', '_' and '-', in words separated by single dots)"
         ))
     }
+}
+
+/// Decodes a spec from canonical JSON, strictly (unknown fields refused), then validates it;
+/// errors name `document` and the field path.
+fn decode_strict<T: serde::de::DeserializeOwned>(
+    document: &str,
+    json: &str,
+    validate: impl Fn(&T) -> Result<(), (String, String)>,
+) -> Result<T, PolicyError> {
+    let de = &mut serde_json::Deserializer::from_str(json);
+    let spec: T = serde_path_to_error::deserialize(de).map_err(|e| PolicyError {
+        document: document.to_string(),
+        path: field_path("spec", &e.path().to_string()),
+        reason: e.inner().to_string(),
+    })?;
+    validate(&spec).map_err(|(path, reason)| PolicyError {
+        document: document.to_string(),
+        path,
+        reason,
+    })?;
+    Ok(spec)
 }
 
 fn check_names(path: &str, names: &[String]) -> Result<(), (String, String)> {

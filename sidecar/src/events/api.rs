@@ -12,7 +12,6 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use sinew_proto::policy::validate_topic;
 use sinew_proto::v1::StoredEvent;
-use std::sync::atomic::Ordering;
 
 const PREFIX: &str = "/v1/events/";
 const BATCH_SUFFIX: &str = ":batch";
@@ -157,16 +156,17 @@ impl Events {
                         status: StatusCode::BAD_REQUEST,
                         message: format!("the body is not a CloudEvents JSON object: {e}"),
                     })
-                    .and_then(|v| wire::from_json(&topic, &v, &self.origin)),
+                    .and_then(|v| wire::from_json(&topic, &v, &self.origin))
+                    .and_then(|event| wire::with_key_header(event, &parts.headers)),
             }
             .map_err(Refusal::invalid)?;
             self.check_size(&event).map_err(Refusal::invalid)?;
             vec![event]
         };
-        self.admit(&events, subscriptions.len())?;
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let n = events.len() as u64;
         if !subscriptions.is_empty() {
+            let _room = self.admit(&events)?;
             let new = events
                 .into_iter()
                 .map(|event| NewEvent {
@@ -261,18 +261,27 @@ impl Events {
         }
         let mut events = Vec::with_capacity(entries.len());
         let mut errors = Vec::new();
+        let mut too_large = false;
         for (i, entry) in entries.iter().enumerate() {
             match wire::from_json(topic, entry, &self.origin)
                 .and_then(|e| self.check_size(&e).map(|()| e))
             {
                 Ok(event) => events.push(event),
-                Err(e) => errors.push(format!("[{i}]: {}", e.message)),
+                Err(e) => {
+                    too_large |= e.status == StatusCode::PAYLOAD_TOO_LARGE;
+                    errors.push(format!("[{i}]: {}", e.message));
+                }
             }
         }
         if !errors.is_empty() {
+            let (status, reason) = if too_large {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too-large")
+            } else {
+                (StatusCode::BAD_REQUEST, "bad-request")
+            };
             return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
+                status,
+                reason,
                 format!(
                     "{} of {} events are invalid, none was stored: {}",
                     errors.len(),
@@ -284,30 +293,31 @@ impl Events {
         Ok(events)
     }
 
-    /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth.
-    fn admit(&self, events: &[StoredEvent], subscribers: usize) -> Result<(), Refusal> {
-        if subscribers == 0 {
-            return Ok(());
-        }
-        let count = self.outbox.events.load(Ordering::Relaxed) + events.len() as u64;
-        let bytes = self.outbox.bytes.load(Ordering::Relaxed)
-            + events.iter().map(|e| e.data.len() as u64).sum::<u64>();
-        if count > self.limits.max_outbox_events || bytes > self.limits.max_outbox_bytes {
-            metrics::counter!("sinew_events_outbox_full_total").increment(1);
-            return Err(Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "outbox-full",
-                format!(
-                    "the outbox holds its limit ({} events or {} bytes) of undelivered events; retry later",
-                    self.limits.max_outbox_events, self.limits.max_outbox_bytes
-                ),
-            ));
-        }
-        Ok(())
+    /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth. The
+    /// room is held until the events are stored, so concurrent publishes cannot overshoot.
+    fn admit(&self, events: &[StoredEvent]) -> Result<super::outbox::Reservation<'_>, Refusal> {
+        let bytes = events.iter().map(|e| e.data.len() as u64).sum::<u64>();
+        self.outbox
+            .reserve(
+                events.len() as u64,
+                bytes,
+                self.limits.max_outbox_events,
+                self.limits.max_outbox_bytes,
+            )
+            .ok_or_else(|| {
+                metrics::counter!("sinew_events_outbox_full_total").increment(1);
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outbox-full",
+                    format!(
+                        "the outbox holds its limit ({} events or {} bytes, dead letters included) of undelivered events; retry later",
+                        self.limits.max_outbox_events, self.limits.max_outbox_bytes
+                    ),
+                )
+            })
     }
 }
 
-/// Reads a body of at most `limit` bytes; past it, 413.
 async fn read<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,

@@ -446,11 +446,18 @@ pub fn classify(status: http::StatusCode, headers: &http::HeaderMap) -> Outcome 
         .unwrap_or_default();
     let error = format!("the subscriber answered {status}{reason}");
     if status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        // Seconds, or an HTTP date (RFC 9110 §10.2.3).
         let after = headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(3600)));
+            .and_then(|v| match v.trim().parse::<u64>() {
+                Ok(secs) => Some(Duration::from_secs(secs)),
+                Err(_) => httpdate::parse_http_date(v.trim())
+                    .ok()?
+                    .duration_since(std::time::SystemTime::now())
+                    .ok(),
+            })
+            .map(|d| d.min(Duration::from_secs(3600)));
         Outcome::Retry { error, after }
     } else {
         Outcome::Refused { error }
@@ -555,5 +562,18 @@ mod tests {
             classify(StatusCode::SERVICE_UNAVAILABLE, &none),
             Outcome::Retry { after: None, .. }
         ));
+        let mut dated = HeaderMap::new();
+        let when = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        dated.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(&when).unwrap(),
+        );
+        let Outcome::Retry {
+            after: Some(after), ..
+        } = classify(StatusCode::SERVICE_UNAVAILABLE, &dated)
+        else {
+            panic!("a dated Retry-After is honoured");
+        };
+        assert!(after > Duration::from_secs(100) && after <= Duration::from_secs(120));
     }
 }

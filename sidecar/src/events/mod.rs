@@ -31,7 +31,9 @@
 //!
 //! Dead letters stay in the sidecar that published the event. The control plane asks every
 //! connected sidecar over its control stream (`EventsRequest`/`EventsReply`) when
-//! `sinewctl events` runs; the sidecar's admin port shows its own at `/events/dead-letters`.
+//! `sinewctl events` runs; the sidecar's admin port shows its own at `GET /events`. They
+//! count against the outbox bound, so a subscriber that refuses everything ends in 503
+//! `outbox-full` (visible, bounded) rather than unbounded disk growth.
 
 pub mod api;
 pub mod dispatch;
@@ -129,12 +131,19 @@ impl Events {
                 } else {
                     request.limit as usize
                 };
-                match self.outbox.dead_letters(&filter, limit) {
+                // A scan of the whole table: off the async workers.
+                let outbox = self.outbox.clone();
+                let listed =
+                    tokio::task::spawn_blocking(move || outbox.dead_letters(&filter, limit)).await;
+                match listed
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
                     Ok((matched, entries)) => {
                         reply.matched = matched;
                         reply.dead_letters = entries;
                     }
-                    Err(e) => reply.error = e.to_string(),
+                    Err(e) => reply.error = e,
                 }
             }
             events_request::Op::Replay | events_request::Op::Purge => {

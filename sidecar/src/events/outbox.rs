@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
@@ -103,6 +104,47 @@ pub enum Op {
     },
 }
 
+/// The extension attribute a dead-lettered event carries when it is republished to a
+/// dead-letter topic (its value: the subscription that gave it up).
+pub const DEAD_LETTER_MARK: &str = "sinewdeadletter";
+
+impl Op {
+    /// A copy of a bookkeeping op (Done, Retry, Dead); `None` for ops with a reply.
+    fn bookkeeping_copy(&self) -> Option<Op> {
+        match self {
+            Op::Done { subscription, seq } => Some(Op::Done {
+                subscription: subscription.clone(),
+                seq: *seq,
+            }),
+            Op::Retry {
+                subscription,
+                seq,
+                state,
+            } => Some(Op::Retry {
+                subscription: subscription.clone(),
+                seq: *seq,
+                state: state.clone(),
+            }),
+            Op::Dead {
+                subscription,
+                service,
+                seq,
+                attempts,
+                error,
+                republish,
+            } => Some(Op::Dead {
+                subscription: subscription.clone(),
+                service: service.clone(),
+                seq: *seq,
+                attempts: *attempts,
+                error: error.clone(),
+                republish: republish.clone(),
+            }),
+            Op::Publish { .. } | Op::Replay { .. } | Op::Purge { .. } => None,
+        }
+    }
+}
+
 /// What the publish side needs: the writer's queue and the fill level.
 pub struct Outbox {
     db: Arc<Database>,
@@ -110,6 +152,30 @@ pub struct Outbox {
     /// Events stored and not yet delivered to every subscriber, and their data bytes.
     pub events: Arc<AtomicU64>,
     pub bytes: Arc<AtomicU64>,
+    /// Dead letters kept, and their data bytes: they count against the bound too.
+    pub dead_events: Arc<AtomicU64>,
+    pub dead_bytes: Arc<AtomicU64>,
+    /// Space promised to publishes on their way to the writer.
+    reserved_events: AtomicU64,
+    reserved_bytes: AtomicU64,
+}
+
+/// Space in the outbox held for one publish until it is stored (or failed).
+pub struct Reservation<'a> {
+    outbox: &'a Outbox,
+    events: u64,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.outbox
+            .reserved_events
+            .fetch_sub(self.events, Ordering::Relaxed);
+        self.outbox
+            .reserved_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Outbox {
@@ -171,9 +237,14 @@ impl Outbox {
             db: db.clone(),
             live: BTreeMap::new(),
             live_bytes: 0,
+            undo: Vec::new(),
             next_seq: 1,
             events: Arc::new(AtomicU64::new(0)),
             bytes: Arc::new(AtomicU64::new(0)),
+            dead_count: 0,
+            dead_total_bytes: 0,
+            dead_events: Arc::new(AtomicU64::new(0)),
+            dead_bytes: Arc::new(AtomicU64::new(0)),
             dispatch,
         };
         let pending = writer.recover()?;
@@ -183,12 +254,41 @@ impl Outbox {
             ops,
             events: writer.events.clone(),
             bytes: writer.bytes.clone(),
+            dead_events: writer.dead_events.clone(),
+            dead_bytes: writer.dead_bytes.clone(),
+            reserved_events: AtomicU64::new(0),
+            reserved_bytes: AtomicU64::new(0),
         };
         std::thread::Builder::new()
             .name("sinew-outbox".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OutboxError::Redb(redb::Error::Io(e)))?;
         Ok((outbox, pending))
+    }
+
+    /// Holds room for `events` events of `bytes` data bytes, if the outbox (pending events,
+    /// dead letters and other publishes on their way) stays within `max_events` and
+    /// `max_bytes` with them.
+    pub fn reserve(
+        &self,
+        events: u64,
+        bytes: u64,
+        max_events: u64,
+        max_bytes: u64,
+    ) -> Option<Reservation<'_>> {
+        let held_events = self.reserved_events.fetch_add(events, Ordering::Relaxed) + events;
+        let held_bytes = self.reserved_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let reservation = Reservation {
+            outbox: self,
+            events,
+            bytes,
+        };
+        let stored_events =
+            self.events.load(Ordering::Relaxed) + self.dead_events.load(Ordering::Relaxed);
+        let stored_bytes =
+            self.bytes.load(Ordering::Relaxed) + self.dead_bytes.load(Ordering::Relaxed);
+        (stored_events + held_events <= max_events && stored_bytes + held_bytes <= max_bytes)
+            .then_some(reservation)
     }
 
     /// Stores events durably; resolves once they are on disk.
@@ -289,9 +389,15 @@ struct Writer {
     live: BTreeMap<u64, Live>,
     /// The data bytes of the `live` events.
     live_bytes: u64,
+    /// How to put `live` back if the running transaction fails: (seq, what it was).
+    undo: Vec<(u64, Option<Live>)>,
     next_seq: u64,
     events: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    dead_count: u64,
+    dead_total_bytes: u64,
+    dead_events: Arc<AtomicU64>,
+    dead_bytes: Arc<AtomicU64>,
     dispatch: mpsc::UnboundedSender<Vec<Pending>>,
 }
 
@@ -343,8 +449,13 @@ impl Writer {
                 });
             }
             let mut max_seq = headers.keys().next_back().copied().unwrap_or(0);
-            if let Some(row) = dead.last()? {
-                max_seq = max_seq.max(row.0.value().1);
+            // Dead letters are keyed by subscription first: every key counts for the next seq.
+            for row in dead.iter()? {
+                let (key, value) = row?;
+                max_seq = max_seq.max(key.value().1);
+                let record = DeadLetterRecord::decode(value.value())?;
+                self.dead_count += 1;
+                self.dead_total_bytes += record.event.map_or(0, |e| e.data.len() as u64);
             }
             self.next_seq = max_seq + 1;
             for (seq, (_, _, live)) in headers {
@@ -378,17 +489,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let live_before = self.live.clone();
-            let (next_seq_before, live_bytes_before) = (self.next_seq, self.live_bytes);
+            // Delivery bookkeeping is kept aside: if the transaction fails it is written again,
+            // or the deliveries it settles would count against the bound until a restart.
+            let notes: Vec<Op> = ops.iter().filter_map(Op::bookkeeping_copy).collect();
+            let (next_seq, live_bytes) = (self.next_seq, self.live_bytes);
+            let (dead_count, dead_total_bytes) = (self.dead_count, self.dead_total_bytes);
             let mut effects = Effects::default();
             let result = self.apply_inner(ops, &mut effects);
+            if result.is_err() {
+                self.rollback(next_seq, live_bytes, dead_count, dead_total_bytes);
+            }
+            self.undo.clear();
             // The fill level first: a publisher that hears 202 and publishes again must be
             // measured against it.
-            if result.is_err() {
-                self.live = live_before;
-                self.next_seq = next_seq_before;
-                self.live_bytes = live_bytes_before;
-            }
             self.publish_gauges();
             match result {
                 Ok(()) => {
@@ -403,9 +516,8 @@ impl Writer {
                     }
                 }
                 Err(error) => {
-                    // Nothing of the transaction happened: put the memory back and tell
-                    // every waiting publisher (bookkeeping ops are lost; their deliveries
-                    // stay owed on disk and are made again after a restart).
+                    // Nothing of the transaction happened: tell every waiting publisher, then
+                    // write the bookkeeping again.
                     tracing::error!("outbox write failed: {error}");
                     for reply in effects.publish_replies {
                         let _ = reply.send(Err(error.to_string()));
@@ -413,9 +525,54 @@ impl Writer {
                     for (reply, _) in effects.admin_replies {
                         let _ = reply.send(Err(error.to_string()));
                     }
+                    self.rewrite(notes);
                 }
             }
         }
+    }
+
+    /// Writes delivery bookkeeping again after a failed transaction, a few times with a
+    /// growing pause. If the disk stays broken, those deliveries stay owed on disk (made
+    /// again after a restart) and keep counting against the bound until then.
+    fn rewrite(&mut self, notes: Vec<Op>) {
+        let mut pause = Duration::from_millis(50);
+        for attempt in 1..=8 {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(2));
+            let copies: Vec<Op> = notes.iter().filter_map(Op::bookkeeping_copy).collect();
+            let (next_seq, live_bytes) = (self.next_seq, self.live_bytes);
+            let (dead_count, dead_total_bytes) = (self.dead_count, self.dead_total_bytes);
+            let mut effects = Effects::default();
+            let result = self.apply_inner(copies, &mut effects);
+            if result.is_err() {
+                self.rollback(next_seq, live_bytes, dead_count, dead_total_bytes);
+            }
+            self.undo.clear();
+            self.publish_gauges();
+            match result {
+                Ok(()) => {
+                    if !effects.pending.is_empty() {
+                        let _ = self.dispatch.send(effects.pending);
+                    }
+                    return;
+                }
+                Err(e) => tracing::error!(attempt, "outbox bookkeeping write failed: {e}"),
+            }
+        }
+    }
+
+    /// Puts the memory back as it was before a failed transaction.
+    fn rollback(&mut self, next_seq: u64, live_bytes: u64, dead_count: u64, dead_bytes: u64) {
+        while let Some((seq, before)) = self.undo.pop() {
+            match before {
+                Some(live) => self.live.insert(seq, live),
+                None => self.live.remove(&seq),
+            };
+        }
+        self.next_seq = next_seq;
+        self.live_bytes = live_bytes;
+        self.dead_count = dead_count;
+        self.dead_total_bytes = dead_bytes;
     }
 
     /// Applies `ops` in one durable transaction, collecting what to hand out after it.
@@ -439,8 +596,13 @@ impl Writer {
                         }
                     }
                     Op::Done { subscription, seq } => {
-                        tables.deliveries.remove((subscription.as_str(), seq))?;
-                        self.settle(&mut tables, seq)?;
+                        if tables
+                            .deliveries
+                            .remove((subscription.as_str(), seq))?
+                            .is_some()
+                        {
+                            self.settle(&mut tables, seq)?;
+                        }
                     }
                     Op::Retry {
                         subscription,
@@ -470,14 +632,25 @@ impl Writer {
                             Some(row) => StoredEvent::decode(row.value())?,
                             None => continue,
                         };
-                        let again = republish.map(|(topic, subscriptions)| NewEvent {
-                            event: StoredEvent {
-                                topic,
-                                stored_unix_ms: unix_ms(),
-                                ..event.clone()
-                            },
-                            subscriptions,
-                        });
+                        // A dead-lettered event is republished once: one that already came
+                        // from a dead-letter topic is not sent on (no loops between topics).
+                        let again = republish
+                            .filter(|_| !event.extensions.contains_key(DEAD_LETTER_MARK))
+                            .map(|(topic, subscriptions)| {
+                                let mut copy = StoredEvent {
+                                    topic,
+                                    stored_unix_ms: unix_ms(),
+                                    ..event.clone()
+                                };
+                                copy.extensions
+                                    .insert(DEAD_LETTER_MARK.into(), subscription.clone());
+                                NewEvent {
+                                    event: copy,
+                                    subscriptions,
+                                }
+                            });
+                        self.dead_count += 1;
+                        self.dead_total_bytes += event.data.len() as u64;
                         let record = DeadLetterRecord {
                             event: Some(event),
                             subscription: subscription.clone(),
@@ -497,6 +670,7 @@ impl Writer {
                         let n = matching.len() as u64;
                         for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
+                            self.forget_dead(&record);
                             let Some(mut event) = record.event else {
                                 continue;
                             };
@@ -514,8 +688,9 @@ impl Writer {
                     Op::Purge { filter, reply } => {
                         let matching = matching(tables.dead, &filter)?;
                         let n = matching.len() as u64;
-                        for ((subscription, seq), _) in matching {
+                        for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
+                            self.forget_dead(&record);
                         }
                         effects.admin_replies.push((reply, n));
                     }
@@ -559,6 +734,7 @@ impl Writer {
         }
         let bytes = event.data.len() as u64;
         self.live_bytes += bytes;
+        self.undo.push((seq, None));
         self.live.insert(
             seq,
             Live {
@@ -575,6 +751,7 @@ impl Writer {
         let Some(live) = self.live.get_mut(&seq) else {
             return Ok(());
         };
+        self.undo.push((seq, Some(*live)));
         live.owed = live.owed.saturating_sub(1);
         if live.owed == 0 {
             self.live_bytes = self.live_bytes.saturating_sub(live.bytes);
@@ -584,12 +761,22 @@ impl Writer {
         Ok(())
     }
 
+    fn forget_dead(&mut self, record: &DeadLetterRecord) {
+        self.dead_count = self.dead_count.saturating_sub(1);
+        let bytes = record.event.as_ref().map_or(0, |e| e.data.len() as u64);
+        self.dead_total_bytes = self.dead_total_bytes.saturating_sub(bytes);
+    }
+
     fn publish_gauges(&self) {
         let bytes = self.live_bytes;
         self.events.store(self.live.len() as u64, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
         metrics::gauge!("sinew_outbox_events").set(self.live.len() as f64);
         metrics::gauge!("sinew_outbox_bytes").set(bytes as f64);
+        self.dead_events.store(self.dead_count, Ordering::Relaxed);
+        self.dead_bytes
+            .store(self.dead_total_bytes, Ordering::Relaxed);
+        metrics::gauge!("sinew_dead_letters").set(self.dead_count as f64);
         let oldest = self.live.values().next().map_or(0.0, |l| {
             (unix_ms() - l.stored_unix_ms).max(0) as f64 / 1000.0
         });
@@ -627,4 +814,156 @@ pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, bytes: usize) -> StoredEvent {
+        StoredEvent {
+            id: id.into(),
+            topic: "t".into(),
+            data: vec![7; bytes],
+            ..StoredEvent::default()
+        }
+    }
+
+    async fn publish(outbox: &Outbox, id: &str, subs: &[&str]) {
+        let new = NewEvent {
+            event: event(id, 10),
+            subscriptions: subs.iter().map(|s| s.to_string()).collect(),
+        };
+        outbox.publish(vec![new]).await.unwrap();
+    }
+
+    /// Opens the outbox, waiting while the previous writer thread still holds the file.
+    async fn reopen(path: &Path) -> (Outbox, Vec<Pending>, mpsc::UnboundedReceiver<Vec<Pending>>) {
+        for _ in 0..100 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            if let Ok((outbox, pending)) = Outbox::open(path, tx) {
+                return (outbox, pending, rx);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the outbox did not reopen");
+    }
+
+    async fn settled(outbox: &Outbox, events: u64, dead: u64) {
+        for _ in 0..200 {
+            if outbox.events.load(Ordering::Relaxed) == events
+                && outbox.dead_events.load(Ordering::Relaxed) == dead
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "outbox never reached {events} events and {dead} dead letters: {} and {}",
+            outbox.events.load(Ordering::Relaxed),
+            outbox.dead_events.load(Ordering::Relaxed)
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_survives_a_restart_and_sequence_numbers_stay_unique() {
+        let dir = std::env::temp_dir().join(format!("sinew-outbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("outbox.redb");
+        {
+            let (outbox, pending, mut rx) = reopen(&path).await;
+            assert!(pending.is_empty());
+            publish(&outbox, "e1", &["z-sub"]).await;
+            publish(&outbox, "e2", &["a-sub"]).await;
+            publish(&outbox, "e3", &["a-sub", "z-sub"]).await;
+            let mut seqs = Vec::new();
+            while seqs.len() < 4 {
+                seqs.extend(
+                    rx.recv()
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|p| (p.subscription, p.seq)),
+                );
+            }
+            assert_eq!(outbox.events.load(Ordering::Relaxed), 3);
+            let dead = |subscription: &str, seq| Op::Dead {
+                subscription: subscription.into(),
+                service: "s".into(),
+                seq,
+                attempts: 1,
+                error: "400".into(),
+                republish: None,
+            };
+            // Dead letters under the alphabetically last subscription at a low seq, and
+            // under the first one at the highest seq.
+            outbox.send(dead("z-sub", 1)).await;
+            outbox.send(dead("a-sub", 3)).await;
+            outbox
+                .send(Op::Done {
+                    subscription: "a-sub".into(),
+                    seq: 2,
+                })
+                .await;
+            // A Done for a delivery that is not owed changes nothing.
+            outbox
+                .send(Op::Done {
+                    subscription: "a-sub".into(),
+                    seq: 2,
+                })
+                .await;
+            settled(&outbox, 1, 2).await;
+            let room = outbox.reserve(1, 10, 4, 1 << 20);
+            assert!(room.is_some(), "1 pending + 2 dead + 1 fits in 4");
+            assert!(
+                outbox.reserve(1, 10, 4, 1 << 20).is_none(),
+                "the held room counts"
+            );
+            drop(room);
+            assert!(outbox.reserve(1, 10, 4, 1 << 20).is_some());
+        }
+        let (outbox, pending, rx) = reopen(&path).await;
+        // Still owed: e3 to z-sub.
+        let owed: Vec<(String, u64)> = pending
+            .iter()
+            .map(|p| (p.subscription.clone(), p.seq))
+            .collect();
+        assert_eq!(owed, [("z-sub".to_string(), 3)]);
+        outbox
+            .send(Op::Done {
+                subscription: "z-sub".into(),
+                seq: 3,
+            })
+            .await;
+        settled(&outbox, 0, 2).await;
+        drop((outbox, rx));
+        // Nothing is pending now: only the dead letters (seqs 1 and 3) hold numbers.
+        let (outbox, pending, mut rx) = reopen(&path).await;
+        assert!(pending.is_empty());
+        assert_eq!(outbox.dead_events.load(Ordering::Relaxed), 2);
+        publish(&outbox, "e4", &["a-sub"]).await;
+        let next = rx.recv().await.unwrap();
+        assert_eq!(
+            next[0].seq, 4,
+            "after every seq in use, dead letters included"
+        );
+        let (matched, listed) = outbox.dead_letters(&Filter::default(), 10).unwrap();
+        assert_eq!((matched, listed.len()), (2, 2));
+        let n = outbox
+            .admin(
+                false,
+                Filter {
+                    event_ids: vec!["e1".into()],
+                    ..Filter::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        settled(&outbox, 1, 1).await;
+        drop(outbox);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

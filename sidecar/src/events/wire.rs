@@ -101,15 +101,38 @@ pub fn from_binary(
         })
         .transpose()?
         .unwrap_or_else(|| "application/octet-stream".into());
-    let key = match headers.get(KEY_HEADER) {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| bad(format!("{KEY_HEADER} is not printable ASCII")))?
-                .to_string(),
-        ),
-        None => attrs.remove("partitionkey"),
-    };
+    let from_attrs = attrs.remove("partitionkey");
+    let key = key_header(headers)?.or(from_attrs);
     build(topic, attrs, key, content_type, data.to_vec(), origin)
+}
+
+/// The `sinew-key` header, if any.
+fn key_header(headers: &HeaderMap) -> Result<Option<String>, Invalid> {
+    headers
+        .get(KEY_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_string)
+                .map_err(|_| bad(format!("{KEY_HEADER} is not printable ASCII")))
+        })
+        .transpose()
+}
+
+/// A structured event published with a `sinew-key` header: the header is its key.
+pub fn with_key_header(
+    mut event: StoredEvent,
+    headers: &HeaderMap,
+) -> Result<StoredEvent, Invalid> {
+    if let Some(key) = key_header(headers)? {
+        if key.len() > MAX_KEY {
+            return Err(bad(format!("the key is longer than {MAX_KEY} bytes")));
+        }
+        if HeaderValue::from_str(&key).is_err() {
+            return Err(bad("the key is not printable text"));
+        }
+        event.key = key;
+    }
+    Ok(event)
 }
 
 /// A structured-mode event (one CloudEvents JSON object).

@@ -35,8 +35,8 @@ static EVENT_FLAKY: AtomicU32 = AtomicU32::new(0);
 /// What the event subscriber accepted, in arrival order, and every id it has seen.
 #[derive(Default)]
 struct EventLog {
-    /// (ce-id, sinew-key, body as text)
-    accepted: Vec<(String, String, String)>,
+    /// (ce-id, sinew-key, body as text, when: ns since the Unix epoch)
+    accepted: Vec<(String, String, String, u128)>,
     seen: std::collections::HashSet<String>,
     attempts: u64,
 }
@@ -76,7 +76,10 @@ async fn event(request: Request<Incoming>) -> Response<Body> {
             status
         };
         if (200..300).contains(&status) {
-            log.accepted.push((id, key, body));
+            let when = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            log.accepted.push((id, key, body, when));
         }
         status
     });
@@ -139,7 +142,9 @@ async fn handle(
                 let accepted: Vec<serde_json::Value> = log
                     .accepted
                     .iter()
-                    .map(|(id, key, body)| serde_json::json!([id, key, body]))
+                    .map(|(id, key, body, when)| {
+                        serde_json::json!([id, key, body, when.to_string()])
+                    })
                     .collect();
                 serde_json::json!({
                     "count": log.accepted.len(),
