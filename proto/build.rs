@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "sinew/mesh/v1/control.proto",
                 "sinew/mesh/v1/admin.proto",
                 "sinew/mesh/v1/transport.proto",
+                "grpc/health/v1/health.proto",
             ],
             &["."],
         )?;

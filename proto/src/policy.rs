@@ -92,6 +92,15 @@ pub struct ServiceSpec {
     /// body ends); past it, 503 `sinew-error: overloaded` at once instead of queueing.
     /// Default `1024`.
     pub max_concurrent: u32,
+    /// How long a request waits for the service to have an instance when it has none (none
+    /// registered yet, or all withdrawn); past it, 503 `sinew-error: no-endpoints`. The
+    /// overall `timeout` still bounds it; `0ms` fails at once. Default `3s`.
+    #[serde(with = "duration::serde_text")]
+    pub endpoint_wait: Duration,
+    /// Hedging: after `delay` without an answer, send the same request to another instance
+    /// as well and take the first good answer. Off when unset (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgePolicy>,
 }
 
 impl Default for ServiceSpec {
@@ -104,6 +113,31 @@ impl Default for ServiceSpec {
             retries: RetryPolicy::default(),
             outlier: OutlierPolicy::default(),
             max_concurrent: 1024,
+            endpoint_wait: Duration::from_secs(3),
+            hedge: None,
+        }
+    }
+}
+
+/// `spec.hedge`. Only idempotent methods are hedged, and only when the request has no body
+/// or its whole body is kept (it ended within 64 KiB). Every hedge spends from the retry
+/// budget, so hedging never multiplies the load; the slower try is cancelled (its stream
+/// reset) as soon as one answers well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgePolicy {
+    /// Time without a response head before another try is sent. Default `50ms`.
+    #[serde(with = "duration::serde_text")]
+    pub delay: Duration,
+    /// Hedged tries per request beyond the first (each after another `delay`). Default `1`.
+    pub max_extra: u32,
+}
+
+impl Default for HedgePolicy {
+    fn default() -> Self {
+        HedgePolicy {
+            delay: Duration::from_millis(50),
+            max_extra: 1,
         }
     }
 }
@@ -124,9 +158,10 @@ pub struct RetryPolicy {
     )]
     pub per_try_timeout: Option<Duration>,
     /// More reasons to retry: status codes (`503`, `429`, ...), `reset` (the stream broke
-    /// before the response head; idempotent methods only) and `unavailable` (gRPC status 14
-    /// in a trailers-only answer). Default `[]`: only what never reached the app, and per-try
-    /// timeouts of idempotent methods.
+    /// before the response head; idempotent methods only), `unavailable` (gRPC status 14
+    /// in a trailers-only answer) and `timeout` (a per-try timeout of any method, POST
+    /// included: only list it when the service tolerates a request arriving twice). Default
+    /// `[]`: only what never reached the app, and per-try timeouts of idempotent methods.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<RetryOn>,
     pub budget: RetryBudgetPolicy,
@@ -141,7 +176,13 @@ pub enum RetryOn {
 }
 
 impl RetryOn {
-    pub const CONDITIONS: [&'static str; 2] = ["reset", "unavailable"];
+    pub const CONDITIONS: [&'static str; 3] = ["reset", "unavailable", "timeout"];
+
+    /// Whether `list` names the condition `name`.
+    pub fn lists(list: &[RetryOn], name: &str) -> bool {
+        list.iter()
+            .any(|on| matches!(on, RetryOn::Condition(c) if c == name))
+    }
 }
 
 impl Default for RetryPolicy {
@@ -277,7 +318,7 @@ impl ServiceSpec {
             if !ok {
                 return Err((
                     format!("spec.retries.on[{i}]"),
-                    "must be a 4xx or 5xx status code, `reset` or `unavailable`".into(),
+                    "must be a 4xx or 5xx status code, `reset`, `unavailable` or `timeout`".into(),
                 ));
             }
         }
@@ -320,6 +361,23 @@ impl ServiceSpec {
         }
         if let Some(calls) = &self.calls {
             check_names("spec.calls", calls)?;
+        }
+        if self.endpoint_wait > max {
+            return Err(("spec.endpoint_wait".into(), "must be at most 1h".into()));
+        }
+        if let Some(hedge) = &self.hedge {
+            if hedge.delay.is_zero() || hedge.delay > max {
+                return Err((
+                    "spec.hedge.delay".into(),
+                    "must be between 1ms and 1h".into(),
+                ));
+            }
+            if !(1..=3).contains(&hedge.max_extra) {
+                return Err((
+                    "spec.hedge.max_extra".into(),
+                    "must be between 1 and 3".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -496,8 +554,8 @@ mod tests {
         };
         assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
         assert_eq!(ServiceSpec::from_json(""), Ok(ServiceSpec::default()));
-        let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedge":"on"}"#).unwrap_err();
-        assert!(err.reason.contains("unknown field `hedge`"), "{err}");
+        let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedging":"on"}"#).unwrap_err();
+        assert!(err.reason.contains("unknown field `hedging`"), "{err}");
         let err =
             ServiceSpec::from_json(r#"{"retries":{"on":[503,"reset","sometimes"]}}"#).unwrap_err();
         assert_eq!(err.path, "spec.retries.on[2]");
@@ -530,5 +588,35 @@ mod tests {
         assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
         let err = ServiceSpec::from_json(r#"{"timeout":"0ms"}"#).unwrap_err();
         assert_eq!(err.path, "spec.timeout");
+    }
+
+    #[test]
+    fn endpoint_wait_hedge_and_timeout_retries() {
+        let spec = ServiceSpec::default();
+        assert_eq!(spec.endpoint_wait, Duration::from_secs(3));
+        assert_eq!(spec.hedge, None);
+        let docs = parse_documents(
+            "kind: Service\nname: a\nspec: {endpoint_wait: 0ms, hedge: {delay: 20ms}, retries: {on: [timeout]}}\n",
+        )
+        .unwrap();
+        let spec = &docs[0].spec;
+        assert_eq!(spec.endpoint_wait, Duration::ZERO);
+        assert_eq!(
+            spec.hedge,
+            Some(HedgePolicy {
+                delay: Duration::from_millis(20),
+                max_extra: 1
+            })
+        );
+        assert!(RetryOn::lists(&spec.retries.on, "timeout"));
+        assert_eq!(ServiceSpec::from_json(&spec.to_json()).as_ref(), Ok(spec));
+        let err = ServiceSpec::from_json(r#"{"hedge":{"delay":"0ms"}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.hedge.delay");
+        let err = ServiceSpec::from_json(r#"{"hedge":{"max_extra":4}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.hedge.max_extra");
+        let err = ServiceSpec::from_json(r#"{"hedge":{"delay":"p99"}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.hedge.delay");
+        let err = ServiceSpec::from_json(r#"{"endpoint_wait":"2h"}"#).unwrap_err();
+        assert_eq!(err.path, "spec.endpoint_wait");
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod errors;
+pub mod health;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
@@ -99,6 +100,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         identity_ready: AtomicBool::new(false),
         control_connected: AtomicBool::new(false),
         shutdown,
+        updated: tokio::sync::watch::channel(0).0,
+        app_healthy: tokio::sync::watch::channel(true).0,
     });
 
     // The outbound and the admin listener stop last, once the inbound has drained: requests
@@ -139,6 +142,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             async move { outbound.handle(req).await }
         },
     ));
+    if let Some(health) = config.health.clone() {
+        tokio::spawn(health::run(
+            shared.clone(),
+            config.app_addr,
+            config.service.clone(),
+            health,
+        ));
+    }
     let registration = control::Registration {
         node_id,
         service: config.service.clone(),

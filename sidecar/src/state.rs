@@ -18,6 +18,10 @@ pub struct Shared {
     pub control_connected: AtomicBool,
     /// `true` once shutdown has begun.
     pub shutdown: watch::Sender<bool>,
+    /// The version of the snapshot just applied: requests waiting for endpoints watch it.
+    pub updated: watch::Sender<u64>,
+    /// Whether the local app passes its health checks (always true without checks).
+    pub app_healthy: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -27,6 +31,10 @@ impl Shared {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    pub fn is_app_healthy(&self) -> bool {
+        *self.app_healthy.borrow()
     }
 }
 
