@@ -545,7 +545,9 @@ pub async fn metric(client: &HttpClient, admin: SocketAddr, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        // An empty sum is -0.0; print it as 0.
+        + 0.0
 }
 
 /// What an open-loop load run saw.
