@@ -88,6 +88,12 @@ impl EndpointState {
         InFlight(self.clone())
     }
 
+    /// Records a latency sample alone: the time a try had taken when it was abandoned (it
+    /// lost a hedge race, its client went away), a lower bound of the real latency.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        lock(&self.ewma).observe(rtt, now);
+    }
+
     /// Records a try's outcome; `rtt` is the time to the response head when there was one.
     /// Returns true when this outcome ejected the endpoint.
     pub fn record(

@@ -318,8 +318,14 @@ impl<T: Transport> Outbound<T> {
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
         let in_flight = endpoint.state.begin();
+        let mut abandoned = Abandoned {
+            endpoint,
+            started: now,
+            armed: true,
+        };
         let result =
             tokio::time::timeout(try_timeout, self.transport.send(&endpoint.target, request)).await;
+        abandoned.armed = false;
         drop(in_flight);
         let done = Instant::now();
         // A try that ran out of time counts its time in the latency estimate, so the
@@ -383,6 +389,24 @@ impl<T: Transport> Outbound<T> {
             }
         };
         (kind, verdict)
+    }
+}
+
+/// Dropped with a try that never ended (it lost a hedge race, its client went away): the
+/// time it had taken goes into the endpoint's latency estimate, so an instance whose tries
+/// keep losing races still looks slow to the balancer. Disarmed when the try ends.
+struct Abandoned<'a> {
+    endpoint: &'a Endpoint,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let now = Instant::now();
+            self.endpoint.state.observe(now - self.started, now);
+        }
     }
 }
 

@@ -558,6 +558,8 @@ pub struct LoadReport {
     /// Failed requests: status (0 when no response at all) and `sinew-error`, if any.
     pub failures: Vec<(u16, String)>,
     pub latencies: Vec<Duration>,
+    /// The status of each request, in the order of `latencies` (0: no response).
+    pub statuses: Vec<u16>,
 }
 
 impl LoadReport {
@@ -567,7 +569,18 @@ impl LoadReport {
 
     /// The latency below which `p` (0..=1) of the requests answered.
     pub fn percentile(&self, p: f64) -> Duration {
-        let mut sorted = self.latencies.clone();
+        self.percentile_of(p, |_| true)
+    }
+
+    /// [`LoadReport::percentile`] over the requests whose status passes `keep`.
+    pub fn percentile_of(&self, p: f64, keep: impl Fn(u16) -> bool) -> Duration {
+        let mut sorted: Vec<Duration> = self
+            .latencies
+            .iter()
+            .zip(&self.statuses)
+            .filter(|(_, s)| keep(**s))
+            .map(|(l, _)| *l)
+            .collect();
         sorted.sort_unstable();
         if sorted.is_empty() {
             return Duration::ZERO;
@@ -644,6 +657,9 @@ where
     for task in tasks {
         let (answer, latency) = task.await.unwrap();
         report.latencies.push(latency);
+        report
+            .statuses
+            .push(answer.as_ref().map_or(0, |a| a.status));
         match answer {
             Ok(a) if a.status == 200 => report.ok += 1,
             Ok(a) => report.failures.push((

@@ -37,9 +37,10 @@ async fn a_killed_instance_costs_no_requests_and_leaves_after_its_lease() {
     let retries = metric(&p.client, web_admin, "sinew_retries_total").await;
     let ejections = metric(&p.client, web_admin, "sinew_outlier_ejections_total").await;
     eprintln!(
-        "sent {}, ok {}, failures {:?}, retries {retries}, ejections {ejections}",
-        report.sent, report.ok, report.failures
+        "{}; retries {retries}, ejections {ejections}",
+        report.summary()
     );
+    figures("1 an instance is killed", &report, retries, ejections, "");
     assert!(victim.is_none(), "the instance was killed during the run");
     assert!(
         report.success_ratio() >= 0.999,
@@ -91,8 +92,15 @@ async fn a_half_failing_instance_is_ejected_and_comes_back_when_healed() {
     let ejections = metric(&p.client, web_admin, "sinew_outlier_ejections_total").await;
     let retries = metric(&p.client, web_admin, "sinew_retries_total").await;
     eprintln!(
-        "sent {}, ok {}, failures {:?}, retries {retries}, ejections {ejections}",
-        report.sent, report.ok, report.failures
+        "{}; retries {retries}, ejections {ejections}",
+        report.summary()
+    );
+    figures(
+        "2 an instance fails half its requests",
+        &report,
+        retries,
+        ejections,
+        "",
     );
     assert!(
         report.success_ratio() >= 0.999,
@@ -580,8 +588,10 @@ async fn sustained_load_past_max_concurrent_is_refused_at_once_and_memory_stays_
         .iter()
         .filter(|(s, r)| *s == 503 && r == "overloaded")
         .collect();
+    let refusal_p50 = report.percentile_of(0.5, |s| s == 503);
+    let refusal_p99 = report.percentile_of(0.99, |s| s == 503);
     eprintln!(
-        "{}; overloaded {overloaded}; web sidecar RSS {rss_before} -> {rss_after} KiB, peak {hwm} KiB",
+        "{}; overloaded {overloaded}, refused in p50 {refusal_p50:?} / p99 {refusal_p99:?}; web sidecar RSS {rss_before} -> {rss_after} KiB, peak {hwm} KiB",
         report.summary()
     );
     figures(
