@@ -126,9 +126,9 @@ impl Default for ServiceSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HedgePolicy {
-    /// Time without a response head before another try is sent. Default `50ms`.
-    #[serde(with = "duration::serde_text")]
-    pub delay: Duration,
+    /// Time without a response head before another try is sent: a duration, or a percentile
+    /// of the service's recent response times (`p95`: hedge the slowest 5%). Default `50ms`.
+    pub delay: HedgeDelay,
     /// Hedged tries per request beyond the first (each after another `delay`). Default `1`.
     pub max_extra: u32,
 }
@@ -136,9 +136,65 @@ pub struct HedgePolicy {
 impl Default for HedgePolicy {
     fn default() -> Self {
         HedgePolicy {
-            delay: Duration::from_millis(50),
+            delay: HedgeDelay::Fixed(Duration::from_millis(50)),
             max_extra: 1,
         }
+    }
+}
+
+/// `spec.hedge.delay`: `50ms`, or `pNN` (50 to 99.9: `p95`, `p99`, `p99.9`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    Fixed(Duration),
+    /// A percentile of the response times the sidecar saw from the service over the last
+    /// 10 to 20 s, in per mille (950 for `p95`).
+    Percentile(u16),
+}
+
+impl HedgeDelay {
+    /// Until the service has answered this many times in the window, a percentile delay
+    /// is not trusted and hedging waits for the fallback instead.
+    pub const MIN_SAMPLES: u64 = 20;
+    /// The delay a percentile stands for until there are enough samples.
+    pub const FALLBACK: Duration = Duration::from_millis(50);
+
+    fn parse(text: &str) -> Result<HedgeDelay, String> {
+        if let Some(number) = text.strip_prefix('p') {
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("`{text}` is not a percentile such as p95 or p99.9"))?;
+            let per_mille = (value * 10.0).round();
+            if !(500.0..=999.0).contains(&per_mille) || (per_mille - value * 10.0).abs() > 1e-6 {
+                return Err(format!(
+                    "`{text}`: a percentile between p50 and p99.9, in steps of 0.1"
+                ));
+            }
+            return Ok(HedgeDelay::Percentile(per_mille as u16));
+        }
+        duration::parse(text).map(HedgeDelay::Fixed)
+    }
+}
+
+impl fmt::Display for HedgeDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HedgeDelay::Fixed(d) => f.write_str(&duration::format(*d)),
+            HedgeDelay::Percentile(pm) if pm % 10 == 0 => write!(f, "p{}", pm / 10),
+            HedgeDelay::Percentile(pm) => write!(f, "p{}.{}", pm / 10, pm % 10),
+        }
+    }
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        HedgeDelay::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -366,7 +422,9 @@ impl ServiceSpec {
             return Err(("spec.endpoint_wait".into(), "must be at most 1h".into()));
         }
         if let Some(hedge) = &self.hedge {
-            if hedge.delay.is_zero() || hedge.delay > max {
+            if let HedgeDelay::Fixed(delay) = hedge.delay
+                && (delay.is_zero() || delay > max)
+            {
                 return Err((
                     "spec.hedge.delay".into(),
                     "must be between 1ms and 1h".into(),
@@ -604,7 +662,7 @@ mod tests {
         assert_eq!(
             spec.hedge,
             Some(HedgePolicy {
-                delay: Duration::from_millis(20),
+                delay: HedgeDelay::Fixed(Duration::from_millis(20)),
                 max_extra: 1
             })
         );
@@ -614,8 +672,19 @@ mod tests {
         assert_eq!(err.path, "spec.hedge.delay");
         let err = ServiceSpec::from_json(r#"{"hedge":{"max_extra":4}}"#).unwrap_err();
         assert_eq!(err.path, "spec.hedge.max_extra");
-        let err = ServiceSpec::from_json(r#"{"hedge":{"delay":"p99"}}"#).unwrap_err();
-        assert_eq!(err.path, "spec.hedge.delay");
+        for (text, per_mille) in [("p95", 950), ("p50", 500), ("p99.9", 999)] {
+            let json = format!(r#"{{"hedge":{{"delay":"{text}"}}}}"#);
+            let spec = ServiceSpec::from_json(&json).unwrap();
+            let hedge = spec.hedge.clone().unwrap();
+            assert_eq!(hedge.delay, HedgeDelay::Percentile(per_mille));
+            assert_eq!(hedge.delay.to_string(), text);
+            assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
+        }
+        for bad in ["p100", "p40", "p95.55", "px", "fast"] {
+            let json = format!(r#"{{"hedge":{{"delay":"{bad}"}}}}"#);
+            let err = ServiceSpec::from_json(&json).unwrap_err();
+            assert_eq!(err.path, "spec.hedge.delay", "{bad}");
+        }
         let err = ServiceSpec::from_json(r#"{"endpoint_wait":"2h"}"#).unwrap_err();
         assert_eq!(err.path, "spec.endpoint_wait");
     }

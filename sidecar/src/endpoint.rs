@@ -9,7 +9,7 @@
 
 use crate::balance::PeakEwma;
 use crate::resilience::{
-    ConcurrencyLimit, Outlier, OutlierConfig, Reach, Reachability, RetryBudget, State,
+    ConcurrencyLimit, Latencies, Outlier, OutlierConfig, Reach, Reachability, RetryBudget, State,
 };
 use sinew_proto::policy::{OutlierPolicy, RetryBudgetPolicy};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -141,10 +141,12 @@ pub struct ServiceState {
     policy: RetryBudgetPolicy,
     /// Requests in flight to the service; its maximum follows the policy in place.
     pub limit: ConcurrencyLimit,
+    /// Recent response times (for a percentile hedge delay).
+    pub latencies: Latencies,
 }
 
 impl ServiceState {
-    pub fn new(policy: &RetryBudgetPolicy, max_concurrent: u32) -> Self {
+    pub fn new(policy: &RetryBudgetPolicy, max_concurrent: u32, now: Instant) -> Self {
         ServiceState {
             budget: Mutex::new(RetryBudget::new(
                 policy.ratio,
@@ -153,6 +155,7 @@ impl ServiceState {
             )),
             policy: policy.clone(),
             limit: ConcurrencyLimit::new(max_concurrent as usize),
+            latencies: Latencies::new(now),
         }
     }
 

@@ -25,7 +25,7 @@ use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use sinew_proto::policy::{RetryOn, ServiceSpec};
+use sinew_proto::policy::{HedgeDelay, HedgePolicy, RetryOn, ServiceSpec};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,9 @@ impl<T: Transport> Outbound<T> {
         };
         let hedge = policy.hedge.clone().filter(|_| idempotent);
         let mut hedges_left = hedge.as_ref().map_or(0, |h| h.max_extra);
-        let mut next_hedge = hedge.as_ref().map(|h| started + h.delay);
+        let mut next_hedge = hedge
+            .as_ref()
+            .map(|h| started + hedge_delay(&service, h, started));
         let mut retries_left = policy.retries.attempts.saturating_sub(1);
         let mut tried = Vec::new();
         let mut running = FuturesUnordered::new();
@@ -174,7 +176,7 @@ impl<T: Transport> Outbound<T> {
                 outcome = running.next(), if !running.is_empty() => outcome,
                 _ = sleep_until_opt(hedge_at) => {
                     let now = Instant::now();
-                    next_hedge = hedge.as_ref().map(|h| now + h.delay);
+                    next_hedge = hedge.as_ref().map(|h| now + hedge_delay(&service, h, now));
                     hedges_left -= 1;
                     // Hedge only with a whole body, to an endpoint not tried yet.
                     if now < deadline && body.complete()
@@ -335,6 +337,7 @@ impl<T: Transport> Outbound<T> {
         let verdict = match result {
             Ok(Ok(response)) => {
                 endpoint.state.connected();
+                service.state.latencies.record(rtt, done);
                 let ok = !response.status().is_server_error();
                 if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
                     ejected(peer, endpoint);
@@ -486,6 +489,19 @@ impl RequestBody {
             RequestBody::Kept(replay) => replay.complete(),
             RequestBody::Once(_) => false,
         }
+    }
+}
+
+/// The hedge delay now: as configured, or the service's recent percentile (the fallback
+/// until it has answered often enough to tell).
+fn hedge_delay(service: &Service, hedge: &HedgePolicy, now: Instant) -> Duration {
+    match hedge.delay {
+        HedgeDelay::Fixed(delay) => delay,
+        HedgeDelay::Percentile(per_mille) => service
+            .state
+            .latencies
+            .percentile(per_mille, HedgeDelay::MIN_SAMPLES, now)
+            .unwrap_or(HedgeDelay::FALLBACK),
     }
 }
 

@@ -145,6 +145,7 @@ impl Service {
                 Arc::new(ServiceState::new(
                     &policy.retries.budget,
                     policy.max_concurrent,
+                    now,
                 ))
             });
         // The in-flight count survives a policy change; only the maximum moves.

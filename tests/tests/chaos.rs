@@ -799,6 +799,39 @@ async fn hedging_hides_an_instance_that_stalls_now_and_then() {
         "max {:?}",
         report.percentile(1.0)
     );
+
+    // The same with the delay taken from the service's own p95, another instance stalling
+    // (the first one lost its races, so the balancer now avoids it).
+    p.apply("kind: Service\nname: orders\nspec:\n  timeout: 3s\n  hedge: {delay: p95}\n")
+        .await;
+    control(&p, 0, "/control/stall?ms=0&percent=0").await;
+    control(&p, 1, "/control/stall?ms=1000&percent=10").await;
+    let report = steady_load(
+        p.web.addr("outbound"),
+        "orders",
+        "/whoami",
+        200,
+        Duration::from_secs(5),
+        |_| {},
+    )
+    .await;
+    let hedges_p95 = metric(&p.client, web_admin, "sinew_hedges_total").await - hedges;
+    let wins_p95 = metric(&p.client, web_admin, "sinew_hedge_wins_total").await - wins;
+    eprintln!(
+        "with delay p95: {}; hedges {hedges_p95}, wins {wins_p95}",
+        report.summary()
+    );
+    figures(
+        "7b hedging with delay: p95",
+        &report,
+        metric(&p.client, web_admin, "sinew_retries_total").await - retries,
+        metric(&p.client, web_admin, "sinew_outlier_ejections_total").await - ejections,
+        &format!("hedges {hedges_p95}, hedge wins {wins_p95}"),
+    );
+    assert_eq!(report.ok, report.sent, "{:?}", report.failures);
+    assert!(hedges_p95 >= 1.0, "stalled requests were hedged");
+    let p99 = report.percentile(0.99);
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
