@@ -112,6 +112,10 @@ async fn handle(
         }
         "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
         "/echo" if failing() => {
+            // Read the body first, as a real app would: a server that answers before reading
+            // closes the connection under the sender, which then may see a reset instead of
+            // the answer (see the README's known limits).
+            let _ = request.into_body().collect().await;
             let mut response = Response::new(full("induced failure"));
             *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             response
