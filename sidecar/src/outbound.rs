@@ -222,17 +222,16 @@ impl<T: Transport> Outbound<T> {
                 // Another try is still out: its answer may yet be good.
                 continue;
             }
+            // Retry when the outcome allows it, a try is left, time is left, the body can be
+            // sent again, there is an endpoint, and the budget grants it (in that order: the
+            // budget is spent only on a retry that will go out).
             let now = Instant::now();
-            if !retry || retries_left == 0 || now >= deadline || !body.can_resend() {
-                return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
-            }
-            let Some(index) = service.pick(now, &tried) else {
-                return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
-            };
-            if !spend(&service, now, Spend::Retry) {
-                return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
-            }
-            let Some(try_body) = body.for_try() else {
+            let next = (retry && retries_left > 0 && now < deadline && body.can_resend())
+                .then(|| service.pick(now, &tried))
+                .flatten()
+                .filter(|_| spend(&service, now, Spend::Retry))
+                .and_then(|index| Some((index, body.for_try()?)));
+            let Some((index, try_body)) = next else {
                 return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
             };
             if let Some(Err(error)) = &last {
