@@ -5,7 +5,9 @@
 //! - `/control/served`: how many `/whoami` requests were answered 200.
 //! - `/control/latency?ms=N`: every `/whoami` answers N ms later (0: at once).
 //! - `/control/stall?ms=N&percent=P`: P of every 100 `/whoami` requests (deterministic: the
-//!   first P of each hundred, counted from this call) answer N ms later.
+//!   first P of each hundred, counted from this call) answer N ms later;
+//!   `/control/stalled` says how many requests were stalled since (whether or not the caller
+//!   waited for the answer).
 //! - `/health`: 200, or 503 while `/control/health?ok=0` (`?ok=1` heals it);
 //!   `/control/health-checks` counts the `/health` requests.
 //! - `/echo`: streams the request body back; request headers come back as `echo-<name>`
@@ -93,6 +95,12 @@ async fn handle(
             STALL_PERCENT.store(percent, Ordering::Relaxed);
             STALL_COUNTER.store(0, Ordering::Relaxed);
             Response::new(full(format!("stalling {percent}% for {ms} ms")))
+        }
+        "/control/stalled" => {
+            let received = STALL_COUNTER.load(Ordering::Relaxed);
+            let percent = u64::from(STALL_PERCENT.load(Ordering::Relaxed));
+            let stalled = received / 100 * percent + (received % 100).min(percent);
+            Response::new(full(stalled.to_string()))
         }
         "/control/health" => {
             let ok = query(&request, "ok").unwrap_or(1) != 0;
