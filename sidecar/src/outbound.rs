@@ -107,7 +107,8 @@ impl<T: Transport> Outbound<T> {
     ///
     /// - With no endpoint at all, it waits up to `endpoint_wait` for one to appear.
     /// - A try is retried on another endpoint when nothing of it reached the app (connect
-    ///   failure, refused), when its per-try timeout fired and the method is idempotent (any
+    ///   failure, refused, or the peer's sidecar answered `unhealthy`, `not-ready` or
+    ///   `misdirected`), when its per-try timeout fired and the method is idempotent (any
     ///   method with `retries.on: [timeout]`), or when `retries.on` lists its answer (a
     ///   status, gRPC UNAVAILABLE) or, for idempotent methods, `reset`.
     /// - With `hedge` set, an idempotent request whose body is wholly kept gets another try on
@@ -341,7 +342,9 @@ impl<T: Transport> Outbound<T> {
                 if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
                     ejected(peer, endpoint);
                 }
-                if retry_on_answer(&policy.retries.on, &response) {
+                if refused_before_the_app(&response)
+                    || retry_on_answer(&policy.retries.on, &response)
+                {
                     Verdict::Retry(Ok(response))
                 } else {
                     Verdict::Done(response)
@@ -538,6 +541,20 @@ impl http_body::Body for HoldingBody {
     }
 }
 
+/// Whether the peer's sidecar refused the request before its app saw it (its app fails
+/// health checks, it has no configuration yet, or it serves another service): like a connect
+/// failure, safe to retry elsewhere for any method.
+fn refused_before_the_app<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get(crate::errors::HEADER)
+        .is_some_and(|reason| {
+            ["unhealthy", "not-ready", "misdirected"]
+                .iter()
+                .any(|r| reason.as_bytes() == r.as_bytes())
+        })
+}
+
 /// Whether an answer is one the policy retries: a listed status code, or gRPC UNAVAILABLE
 /// (status 14 in the head: a trailers-only answer) when `unavailable` is listed.
 fn retry_on_answer<B>(on: &[RetryOn], response: &Response<B>) -> bool {
@@ -680,5 +697,21 @@ mod tests {
         assert!(retry_on_answer(&on, &answer(200, Some("14"))));
         assert!(!retry_on_answer(&on, &answer(200, Some("13"))));
         assert!(!retry_on_answer(&[], &answer(503, None)));
+    }
+
+    #[test]
+    fn refusals_of_the_peer_sidecar_are_told_from_answers_of_its_app() {
+        let answer = |reason: Option<&str>| {
+            let mut response = Response::builder().status(503);
+            if let Some(reason) = reason {
+                response = response.header(crate::errors::HEADER, reason);
+            }
+            response.body(()).unwrap()
+        };
+        assert!(refused_before_the_app(&answer(Some("unhealthy"))));
+        assert!(refused_before_the_app(&answer(Some("not-ready"))));
+        assert!(refused_before_the_app(&answer(Some("misdirected"))));
+        assert!(!refused_before_the_app(&answer(Some("app-unreachable"))));
+        assert!(!refused_before_the_app(&answer(None)));
     }
 }

@@ -701,6 +701,22 @@ async fn an_instance_failing_its_health_checks_is_withdrawn_and_returns_when_hea
         "the sidecar checks its app"
     );
 
+    // Load across the transition: requests that reach the instance after its app turned
+    // unhealthy, before the withdrawal reaches web, are refused by its sidecar (`unhealthy`)
+    // and retried elsewhere, so no caller sees the transition.
+    let outbound = p.web.addr("outbound");
+    let transition = tokio::spawn(async move {
+        steady_load(
+            outbound,
+            "orders",
+            "/whoami",
+            200,
+            Duration::from_secs(3),
+            |_| {},
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     control(&p, 2, "/control/health?ok=0").await;
     let failed_at = std::time::Instant::now();
     wait_until(
@@ -710,6 +726,22 @@ async fn an_instance_failing_its_health_checks_is_withdrawn_and_returns_when_hea
     )
     .await;
     let withdrawn_after = failed_at.elapsed();
+    let transition = transition.await.unwrap();
+    let refused_unhealthy = metric(
+        &p.client,
+        p.orders[2].1.addr("admin"),
+        "sinew_inbound_unhealthy_total",
+    )
+    .await;
+    eprintln!(
+        "across the withdrawal: {}; refused as unhealthy by its sidecar {refused_unhealthy}",
+        transition.summary()
+    );
+    assert_eq!(
+        transition.ok, transition.sent,
+        "the withdrawal cost no request: {:?}",
+        transition.failures
+    );
     // While withdrawn, traffic goes only to the two others.
     let served = || async {
         get(
@@ -753,10 +785,12 @@ async fn an_instance_failing_its_health_checks_is_withdrawn_and_returns_when_hea
     );
     figures(
         "6 app health check fails",
-        &report,
+        &transition,
         metric(&p.client, web_admin, "sinew_retries_total").await,
         metric(&p.client, web_admin, "sinew_outlier_ejections_total").await,
-        &format!("withdrawn after {withdrawn_after:.2?}, returned after {returned_after:.2?}"),
+        &format!(
+            "withdrawn after {withdrawn_after:.2?}, returned after {returned_after:.2?}; {refused_unhealthy} refused as unhealthy and retried"
+        ),
     );
     assert_eq!(report.ok, report.sent, "{:?}", report.failures);
     assert_eq!(during, 0, "a withdrawn instance gets no traffic");
