@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "sinew/mesh/v1/admin.proto",
                 "sinew/mesh/v1/transport.proto",
                 "sinew/mesh/v1/outbox.proto",
+                "grpc/health/v1/health.proto",
             ],
             &["."],
         )?;

@@ -12,3 +12,10 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs, unreachable_pub)]
     tonic::include_proto!("sinew.mesh.v1");
 }
+
+/// The standard gRPC health-checking protocol (`grpc.health.v1`, `Check` only), which the
+/// sidecar calls on its app with `--health-grpc`.
+pub mod health {
+    #![allow(clippy::all, missing_docs, unreachable_pub)]
+    tonic::include_proto!("grpc.health.v1");
+}

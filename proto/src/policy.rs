@@ -127,6 +127,15 @@ pub struct ServiceSpec {
     /// body ends); past it, 503 `sinew-error: overloaded` at once instead of queueing.
     /// Default `1024`.
     pub max_concurrent: u32,
+    /// How long a request waits for the service to have an instance when it has none (none
+    /// registered yet, or all withdrawn); past it, 503 `sinew-error: no-endpoints`. The
+    /// overall `timeout` still bounds it; `0ms` fails at once. Default `3s`.
+    #[serde(with = "duration::serde_text")]
+    pub endpoint_wait: Duration,
+    /// Hedging: after `delay` without an answer, send the same request to another instance
+    /// as well and take the first good answer. Off when unset (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgePolicy>,
 }
 
 impl Default for ServiceSpec {
@@ -139,7 +148,88 @@ impl Default for ServiceSpec {
             retries: RetryPolicy::default(),
             outlier: OutlierPolicy::default(),
             max_concurrent: 1024,
+            endpoint_wait: Duration::from_secs(3),
+            hedge: None,
         }
+    }
+}
+
+/// `spec.hedge`. Only idempotent methods are hedged, and only when the request has no body
+/// or its whole body is kept (it ended within 64 KiB). Every hedge spends from the retry
+/// budget, so hedging never multiplies the load; the slower try is cancelled (its stream
+/// reset) as soon as one answers well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgePolicy {
+    /// Time without a response head before another try is sent: a duration, or a percentile
+    /// of the service's recent response times (`p95`: hedge the slowest 5%). Default `50ms`.
+    pub delay: HedgeDelay,
+    /// Hedged tries per request beyond the first (each after another `delay`). Default `1`.
+    pub max_extra: u32,
+}
+
+impl Default for HedgePolicy {
+    fn default() -> Self {
+        HedgePolicy {
+            delay: HedgeDelay::Fixed(Duration::from_millis(50)),
+            max_extra: 1,
+        }
+    }
+}
+
+/// `spec.hedge.delay`: `50ms`, or `pNN` (50 to 99.9: `p95`, `p99`, `p99.9`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    Fixed(Duration),
+    /// A percentile of the response times the sidecar saw from the service over the last
+    /// 10 to 20 s, in per mille (950 for `p95`).
+    Percentile(u16),
+}
+
+impl HedgeDelay {
+    /// Until the service has answered this many times in the window, a percentile delay
+    /// is not trusted and hedging waits for the fallback instead.
+    pub const MIN_SAMPLES: u64 = 20;
+    /// The delay a percentile stands for until there are enough samples.
+    pub const FALLBACK: Duration = Duration::from_millis(50);
+
+    fn parse(text: &str) -> Result<HedgeDelay, String> {
+        if let Some(number) = text.strip_prefix('p') {
+            let value: f64 = number
+                .parse()
+                .map_err(|_| format!("`{text}` is not a percentile such as p95 or p99.9"))?;
+            let per_mille = (value * 10.0).round();
+            if !(500.0..=999.0).contains(&per_mille) || (per_mille - value * 10.0).abs() > 1e-6 {
+                return Err(format!(
+                    "`{text}`: a percentile between p50 and p99.9, in steps of 0.1"
+                ));
+            }
+            return Ok(HedgeDelay::Percentile(per_mille as u16));
+        }
+        duration::parse(text).map(HedgeDelay::Fixed)
+    }
+}
+
+impl fmt::Display for HedgeDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HedgeDelay::Fixed(d) => f.write_str(&duration::format(*d)),
+            HedgeDelay::Percentile(pm) if pm % 10 == 0 => write!(f, "p{}", pm / 10),
+            HedgeDelay::Percentile(pm) => write!(f, "p{}.{}", pm / 10, pm % 10),
+        }
+    }
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        HedgeDelay::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -159,9 +249,10 @@ pub struct RetryPolicy {
     )]
     pub per_try_timeout: Option<Duration>,
     /// More reasons to retry: status codes (`503`, `429`, ...), `reset` (the stream broke
-    /// before the response head; idempotent methods only) and `unavailable` (gRPC status 14
-    /// in a trailers-only answer). Default `[]`: only what never reached the app, and per-try
-    /// timeouts of idempotent methods.
+    /// before the response head; idempotent methods only), `unavailable` (gRPC status 14
+    /// in a trailers-only answer) and `timeout` (a per-try timeout of any method, POST
+    /// included: only list it when the service tolerates a request arriving twice). Default
+    /// `[]`: only what never reached the app, and per-try timeouts of idempotent methods.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub on: Vec<RetryOn>,
     pub budget: RetryBudgetPolicy,
@@ -176,7 +267,13 @@ pub enum RetryOn {
 }
 
 impl RetryOn {
-    pub const CONDITIONS: [&'static str; 2] = ["reset", "unavailable"];
+    pub const CONDITIONS: [&'static str; 3] = ["reset", "unavailable", "timeout"];
+
+    /// Whether `list` names the condition `name`.
+    pub fn lists(list: &[RetryOn], name: &str) -> bool {
+        list.iter()
+            .any(|on| matches!(on, RetryOn::Condition(c) if c == name))
+    }
 }
 
 impl Default for RetryPolicy {
@@ -300,7 +397,7 @@ impl ServiceSpec {
             if !ok {
                 return Err((
                     format!("spec.retries.on[{i}]"),
-                    "must be a 4xx or 5xx status code, `reset` or `unavailable`".into(),
+                    "must be a 4xx or 5xx status code, `reset`, `unavailable` or `timeout`".into(),
                 ));
             }
         }
@@ -343,6 +440,25 @@ impl ServiceSpec {
         }
         if let Some(calls) = &self.calls {
             check_names("spec.calls", calls)?;
+        }
+        if self.endpoint_wait > max {
+            return Err(("spec.endpoint_wait".into(), "must be at most 1h".into()));
+        }
+        if let Some(hedge) = &self.hedge {
+            if let HedgeDelay::Fixed(delay) = hedge.delay
+                && (delay.is_zero() || delay > max)
+            {
+                return Err((
+                    "spec.hedge.delay".into(),
+                    "must be between 1ms and 1h".into(),
+                ));
+            }
+            if !(1..=3).contains(&hedge.max_extra) {
+                return Err((
+                    "spec.hedge.max_extra".into(),
+                    "must be between 1 and 3".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -722,8 +838,8 @@ mod tests {
         };
         assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
         assert_eq!(ServiceSpec::from_json(""), Ok(ServiceSpec::default()));
-        let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedge":"on"}"#).unwrap_err();
-        assert!(err.reason.contains("unknown field `hedge`"), "{err}");
+        let err = ServiceSpec::from_json(r#"{"timeout":"1s","hedging":"on"}"#).unwrap_err();
+        assert!(err.reason.contains("unknown field `hedging`"), "{err}");
         let err =
             ServiceSpec::from_json(r#"{"retries":{"on":[503,"reset","sometimes"]}}"#).unwrap_err();
         assert_eq!(err.path, "spec.retries.on[2]");
@@ -841,5 +957,46 @@ mod tests {
         for bad in ["", ".a", "a.", "a..b", "a*", "a>", "a/b", &"x".repeat(201)] {
             assert!(validate_topic(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn endpoint_wait_hedge_and_timeout_retries() {
+        let spec = ServiceSpec::default();
+        assert_eq!(spec.endpoint_wait, Duration::from_secs(3));
+        assert_eq!(spec.hedge, None);
+        let docs = parse_documents(
+            "kind: Service\nname: a\nspec: {endpoint_wait: 0ms, hedge: {delay: 20ms}, retries: {on: [timeout]}}\n",
+        )
+        .unwrap();
+        let spec = docs[0].spec.service().unwrap();
+        assert_eq!(spec.endpoint_wait, Duration::ZERO);
+        assert_eq!(
+            spec.hedge,
+            Some(HedgePolicy {
+                delay: HedgeDelay::Fixed(Duration::from_millis(20)),
+                max_extra: 1
+            })
+        );
+        assert!(RetryOn::lists(&spec.retries.on, "timeout"));
+        assert_eq!(ServiceSpec::from_json(&spec.to_json()).as_ref(), Ok(spec));
+        let err = ServiceSpec::from_json(r#"{"hedge":{"delay":"0ms"}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.hedge.delay");
+        let err = ServiceSpec::from_json(r#"{"hedge":{"max_extra":4}}"#).unwrap_err();
+        assert_eq!(err.path, "spec.hedge.max_extra");
+        for (text, per_mille) in [("p95", 950), ("p50", 500), ("p99.9", 999)] {
+            let json = format!(r#"{{"hedge":{{"delay":"{text}"}}}}"#);
+            let spec = ServiceSpec::from_json(&json).unwrap();
+            let hedge = spec.hedge.clone().unwrap();
+            assert_eq!(hedge.delay, HedgeDelay::Percentile(per_mille));
+            assert_eq!(hedge.delay.to_string(), text);
+            assert_eq!(ServiceSpec::from_json(&spec.to_json()), Ok(spec));
+        }
+        for bad in ["p100", "p40", "p95.55", "px", "fast"] {
+            let json = format!(r#"{{"hedge":{{"delay":"{bad}"}}}}"#);
+            let err = ServiceSpec::from_json(&json).unwrap_err();
+            assert_eq!(err.path, "spec.hedge.delay", "{bad}");
+        }
+        let err = ServiceSpec::from_json(r#"{"endpoint_wait":"2h"}"#).unwrap_err();
+        assert_eq!(err.path, "spec.endpoint_wait");
     }
 }

@@ -1,6 +1,7 @@
 //! Bootstrap configuration: flags (each with an environment variable), validated once into
 //! [`Config`], then passed down. Nothing below re-reads the environment.
 
+use crate::health::{Check, HealthConfig};
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +79,24 @@ pub struct Args {
     /// Data bytes of undelivered events the outbox holds before publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub outbox_max_bytes: u64,
+    /// Health-check the app with `GET PATH` (2xx/3xx pass) [default: no checks].
+    #[arg(long, env = "SINEW_HEALTH_HTTP", conflicts_with = "health_grpc")]
+    pub health_http: Option<String>,
+    /// Health-check the app with grpc.health.v1 Check for SERVICE (empty: the whole server).
+    #[arg(long, env = "SINEW_HEALTH_GRPC", num_args = 0..=1, default_missing_value = "")]
+    pub health_grpc: Option<String>,
+    /// Time between health checks.
+    #[arg(long, env = "SINEW_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Time one health check may take.
+    #[arg(long, env = "SINEW_HEALTH_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+    /// Passing checks in a row that bring an unhealthy app back.
+    #[arg(long, env = "SINEW_HEALTHY_THRESHOLD", default_value_t = 1)]
+    pub healthy_threshold: u32,
+    /// Failing checks in a row that withdraw a healthy app.
+    #[arg(long, env = "SINEW_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -101,6 +120,8 @@ pub struct Config {
     pub zone: String,
     pub drain_timeout: Duration,
     pub event_limits: crate::events::Limits,
+    /// Active health checks of the app; `None` without `--health-http`/`--health-grpc`.
+    pub health: Option<HealthConfig>,
 }
 
 impl Args {
@@ -110,6 +131,38 @@ impl Args {
             (Some(addr), _) => addr,
             (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
             (None, None) => return Err("--app-port or --app-addr is required".into()),
+        };
+        let check = match (self.health_http, self.health_grpc) {
+            (Some(path), _) if !path.starts_with('/') => {
+                return Err(format!(
+                    "--health-http: `{path}` is not a path (it starts with /)"
+                ));
+            }
+            (Some(path), _) => Some(Check::Http(path)),
+            (None, Some(service)) => Some(Check::Grpc(service)),
+            (None, None) => None,
+        };
+        let health = match check {
+            None => None,
+            Some(check) => {
+                if self.health_interval.is_zero() || self.health_timeout.is_zero() {
+                    return Err(
+                        "--health-interval and --health-timeout must be at least 1ms".into(),
+                    );
+                }
+                if self.healthy_threshold == 0 || self.unhealthy_threshold == 0 {
+                    return Err(
+                        "--healthy-threshold and --unhealthy-threshold must be at least 1".into(),
+                    );
+                }
+                Some(HealthConfig {
+                    check,
+                    interval: self.health_interval,
+                    timeout: self.health_timeout,
+                    healthy_threshold: self.healthy_threshold,
+                    unhealthy_threshold: self.unhealthy_threshold,
+                })
+            }
         };
         if self.control.iter().all(|c| c.trim().is_empty()) {
             return Err("--control: at least one control-plane address is required".into());
@@ -142,6 +195,7 @@ impl Args {
                 max_outbox_bytes: self.outbox_max_bytes,
                 ..crate::events::Limits::default()
             },
+            health,
         })
     }
 }

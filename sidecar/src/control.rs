@@ -102,12 +102,26 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
         _ = crate::state::shutdown_begun(&mut shutdown) => return Ok(()),
     };
     tracing::info!("connected to the control plane at {addr}");
+    // Hello registers the instance as serving; an app found unhealthy before says so now.
+    let mut health = shared.app_healthy.subscribe();
+    let healthy = *health.borrow_and_update();
+    if !healthy {
+        send(&tx, Kind::Health(Health { serving: false })).await?;
+    }
     shared.control_connected.store(true, Ordering::Relaxed);
     metrics::gauge!("sinew_control_connected").set(1.0);
 
     loop {
         let message = tokio::select! {
             m = updates.message() => m.map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?,
+            changed = health.changed() => {
+                if changed.is_ok() {
+                    let serving = *health.borrow_and_update();
+                    tracing::info!(serving, "reporting the app's health");
+                    send(&tx, Kind::Health(Health { serving })).await?;
+                }
+                continue;
+            }
             _ = crate::state::shutdown_begun(&mut shutdown) => {
                 send(&tx, Kind::Health(Health { serving: false })).await?;
                 // End our half; the control plane reads the Health first, then ends its half.
@@ -157,6 +171,7 @@ fn apply(shared: &Shared, update: &Update) -> Kind {
             }
             let services = next.services.len();
             shared.snapshot.store(Arc::new(next));
+            shared.updated.send_replace(update.version);
             metrics::gauge!("sinew_config_version").set(update.version as f64);
             metrics::counter!("sinew_control_updates_total", "result" => "ack").increment(1);
             tracing::info!(

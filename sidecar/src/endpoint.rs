@@ -8,9 +8,11 @@
 //! across an await.
 
 use crate::balance::PeakEwma;
-use crate::resilience::{ConcurrencyLimit, Outlier, OutlierConfig, RetryBudget, State};
+use crate::resilience::{
+    ConcurrencyLimit, Latencies, Outlier, OutlierConfig, Reach, Reachability, RetryBudget, State,
+};
 use sinew_proto::policy::{OutlierPolicy, RetryBudgetPolicy};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,9 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     ewma: Mutex<PeakEwma>,
     outlier: Mutex<Outlier>,
+    /// Whether the last dial failed; the fast path reads only this flag.
+    down: AtomicBool,
+    reach: Mutex<Reachability>,
 }
 
 impl EndpointState {
@@ -36,6 +41,8 @@ impl EndpointState {
                 now,
             )),
             outlier: Mutex::new(Outlier::new(now)),
+            down: AtomicBool::new(false),
+            reach: Mutex::new(Reachability::new()),
         }
     }
 
@@ -49,10 +56,42 @@ impl EndpointState {
         lock(&self.outlier).state(now)
     }
 
+    /// Whether a connection to the endpoint's sidecar is known to work (or was never
+    /// tried): `Down` after a failed dial, with one `Redial` let through now and then.
+    pub fn reach(&self, now: Instant) -> Reach {
+        if !self.down.load(Ordering::Relaxed) {
+            return Reach::Reachable;
+        }
+        lock(&self.reach).state(now)
+    }
+
+    /// A dial to the endpoint failed. Returns true when it was reachable until now.
+    pub fn connect_failed(&self, now: Instant) -> bool {
+        let mut reach = lock(&self.reach);
+        let was_down = reach.is_down();
+        reach.on_connect_failure(now);
+        self.down.store(true, Ordering::Relaxed);
+        !was_down
+    }
+
+    /// A request reached the endpoint's sidecar: its connection works.
+    pub fn connected(&self) {
+        if self.down.load(Ordering::Relaxed) {
+            lock(&self.reach).on_connected();
+            self.down.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a request in flight until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Records a latency sample alone: the time a try had taken when it was abandoned (it
+    /// lost a hedge race, its client went away), a lower bound of the real latency.
+    pub fn observe(&self, rtt: Duration, now: Instant) {
+        lock(&self.ewma).observe(rtt, now);
     }
 
     /// Records a try's outcome; `rtt` is the time to the response head when there was one.
@@ -102,10 +141,12 @@ pub struct ServiceState {
     policy: RetryBudgetPolicy,
     /// Requests in flight to the service; its maximum follows the policy in place.
     pub limit: ConcurrencyLimit,
+    /// Recent response times (for a percentile hedge delay).
+    pub latencies: Latencies,
 }
 
 impl ServiceState {
-    pub fn new(policy: &RetryBudgetPolicy, max_concurrent: u32) -> Self {
+    pub fn new(policy: &RetryBudgetPolicy, max_concurrent: u32, now: Instant) -> Self {
         ServiceState {
             budget: Mutex::new(RetryBudget::new(
                 policy.ratio,
@@ -114,6 +155,7 @@ impl ServiceState {
             )),
             policy: policy.clone(),
             limit: ConcurrencyLimit::new(max_concurrent as usize),
+            latencies: Latencies::new(now),
         }
     }
 

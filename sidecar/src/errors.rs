@@ -38,6 +38,8 @@ pub enum MeshError {
     NotReady,
     #[error("overloaded: {max} requests to `{service}` are already in flight (max_concurrent)")]
     Overloaded { service: String, max: usize },
+    #[error("unhealthy: this instance of `{0}` fails its health checks")]
+    Unhealthy(String),
 }
 
 impl MeshError {
@@ -45,9 +47,10 @@ impl MeshError {
         match self {
             MeshError::BadRequest(_) => StatusCode::BAD_REQUEST,
             MeshError::UnknownService(_) => StatusCode::NOT_FOUND,
-            MeshError::NoEndpoints(_) | MeshError::NotReady | MeshError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            MeshError::NoEndpoints(_)
+            | MeshError::NotReady
+            | MeshError::Overloaded { .. }
+            | MeshError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::ConnectFailure(_)
             | MeshError::PeerRefused(_)
             | MeshError::UpstreamReset(_)
@@ -75,6 +78,7 @@ impl MeshError {
             MeshError::Unsupported(_) => "unsupported",
             MeshError::NotReady => "not-ready",
             MeshError::Overloaded { .. } => "overloaded",
+            MeshError::Unhealthy(_) => "unhealthy",
         }
     }
 

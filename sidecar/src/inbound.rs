@@ -144,6 +144,11 @@ impl Inbound {
                 asked: authority.to_string(),
             });
         }
+        if !self.shared.is_app_healthy() {
+            // Withdrawn (or about to be): callers retry elsewhere.
+            metrics::counter!("sinew_inbound_unhealthy_total").increment(1);
+            return Err(MeshError::Unhealthy(me.clone()));
+        }
         let caller_service = tls::service_of(caller).unwrap_or_default();
         let snapshot = self.shared.snapshot.load();
         if snapshot.version == 0 {

@@ -15,6 +15,7 @@ pub mod control;
 pub mod endpoint;
 pub mod errors;
 pub mod events;
+pub mod health;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
@@ -103,6 +104,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         control_connected: AtomicBool::new(false),
         shutdown,
         events: std::sync::OnceLock::new(),
+        updated: tokio::sync::watch::channel(0).0,
+        app_healthy: tokio::sync::watch::channel(true).0,
     });
 
     // The outbound and the admin listener stop last, once the inbound has drained: requests
@@ -157,6 +160,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         },
     ));
+    if let Some(health) = config.health.clone() {
+        tokio::spawn(health::run(
+            shared.clone(),
+            config.app_addr,
+            config.service.clone(),
+            health,
+        ));
+    }
     let registration = control::Registration {
         node_id,
         service: config.service.clone(),

@@ -5,31 +5,35 @@
 //! 1. name the service (`orders`, `orders:8080`, `http://orders/...` all mean `orders`);
 //! 2. look it up in the snapshot (one lock-free load);
 //! 3. strip what the app may not claim (a caller identity) and hop-by-hop headers;
-//! 4. for each try, under the service's overall timeout: pick an endpoint (P2C over peak-EWMA
-//!    cost, ejected endpoints left out, one probe when an ejection ends), send it over the
-//!    transport under the per-try timeout, feed the outcome to the endpoint's latency and
-//!    outlier state, and retry on another endpoint when that is safe and the budget allows;
-//! 5. map a failure to a `sinew-error` response, and record metrics.
+//! 4. admission: past `max_concurrent`, 503 `overloaded` at once; with no endpoint, wait a
+//!    bounded time for one (`endpoint_wait`);
+//! 5. for each try, under the service's overall timeout: pick an endpoint (P2C over peak-EWMA
+//!    cost, ejected and unreachable endpoints left out, one probe when an ejection ends),
+//!    send it over the transport under the per-try timeout, feed the outcome to the
+//!    endpoint's latency, outlier and reachability state, retry on another endpoint when
+//!    that is safe and the budget allows, and hedge a slow one when the policy says so;
+//! 6. map a failure to a `sinew-error` response, and record metrics.
 
 use crate::errors::MeshError;
-use crate::resilience::Permit;
+use crate::resilience::{Permit, Replay};
 use crate::snapshot::{Endpoint, Service};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError, Transport, TransportError};
-use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http::{Method, Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use sinew_proto::policy::RetryOn;
+use sinew_proto::policy::{HedgeDelay, HedgePolicy, RetryOn, ServiceSpec};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The header the inbound sets to the caller's verified SPIFFE id. Never taken from an app.
 pub const CALLER_HEADER: &str = "sinew-caller";
 
-/// Request bodies up to this size (declared by `content-length`) are kept so the request can
-/// be retried; larger ones stream once.
+/// Request bodies up to this size are kept so the request can be sent again (a retry, a
+/// hedge); a body that grows past it streams on once.
 pub const REPLAY_BUFFER: usize = 64 * 1024;
 
 pub struct Outbound<T> {
@@ -103,7 +107,7 @@ impl<T: Transport> Outbound<T> {
                 max: service.state.limit.max(),
             })
         })?;
-        let response = self.tries(&service, request).await.map_err(failed)?;
+        let response = self.tries(service.clone(), request).await.map_err(failed)?;
         let response = response.map(|body| {
             HoldingBody {
                 body,
@@ -114,22 +118,32 @@ impl<T: Transport> Outbound<T> {
         Ok((response, service.name.clone()))
     }
 
-    /// Sends the request, retrying under the budget, until one try answers or no try is
-    /// left. A try is retried on another endpoint when nothing of it reached the app
-    /// (connect failure, refused), when its per-try timeout fired and the method is
-    /// idempotent, or when `retries.on` lists its answer (a status, gRPC UNAVAILABLE) or,
-    /// for idempotent methods, `reset`. A request is sent again only when its body was kept
-    /// (none, or a declared length within [`REPLAY_BUFFER`]). When no retry is left, the
-    /// last answer is returned as it came.
+    /// Sends the request, retrying and hedging under the budget, until one try answers well
+    /// or no try is left.
+    ///
+    /// - With no endpoint at all, it waits up to `endpoint_wait` for one to appear.
+    /// - A try is retried on another endpoint when nothing of it reached the app (connect
+    ///   failure, refused, or the peer's sidecar answered `unhealthy`, `not-ready` or
+    ///   `misdirected`), when its per-try timeout fired and the method is idempotent (any
+    ///   method with `retries.on: [timeout]`), or when `retries.on` lists its answer (a
+    ///   status, gRPC UNAVAILABLE) or, for idempotent methods, `reset`.
+    /// - With `hedge` set, an idempotent request whose body is wholly kept gets another try on
+    ///   another endpoint after `hedge.delay` without an answer; the first good answer wins
+    ///   and the others are dropped (their streams reset).
+    /// - A request is sent again only while its body is kept ([`RequestBody`]). Every retry
+    ///   and hedge spends the retry budget. When no try is left, the last answer is returned
+    ///   as it came.
     async fn tries(
         &self,
-        service: &Service,
+        service: Arc<Service>,
         request: Request<Body>,
     ) -> Result<Response<Body>, MeshError> {
-        let policy = &service.policy;
         let started = Instant::now();
+        let policy = service.policy.clone();
         let deadline = started + policy.timeout;
         service.state.deposit(started);
+        let service = self.with_endpoints(service, deadline).await?;
+        let peer = service.name.clone();
         let idempotent = matches!(
             *request.method(),
             Method::GET
@@ -140,141 +154,380 @@ impl<T: Transport> Outbound<T> {
                 | Method::DELETE
         );
         let (parts, body) = request.into_parts();
-        // A request can be sent again only if its body is kept: none, or a declared length
-        // within the replay buffer (read whole before the first try). Larger or unsized
-        // bodies stream once, with no retry; that is counted.
-        let mut streamed = None;
-        let replay = if body.is_end_stream() {
-            Some(Bytes::new())
-        } else if policy.retries.attempts > 1
-            && crate::transport::quic::content_length(&parts.headers)
-                .is_some_and(|n| n <= REPLAY_BUFFER as u64)
-        {
-            // hyper holds both HTTP/1.1 and h2 bodies to their declared length, so reading
-            // it whole stays within the buffer.
-            let collected = tokio::time::timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                body.collect(),
-            )
-            .await
-            .map_err(|_| MeshError::Timeout {
-                service: service.name.clone(),
-                after: policy.timeout,
-            })?
-            .map_err(|e| MeshError::BadRequest(format!("reading the request body: {e}")))?;
-            Some(collected.to_bytes())
-        } else {
-            if policy.retries.attempts > 1 {
-                metrics::counter!("sinew_retries_unreplayable_total", "peer" => service.name.clone())
-                    .increment(1);
-            }
-            streamed = Some(body);
-            None
-        };
-        let attempts = if replay.is_some() {
-            policy.retries.attempts.max(1)
-        } else {
-            1
-        };
-        let mut tried = Vec::with_capacity(attempts as usize);
-        let peer = service.name.clone();
-        for attempt in 1..=attempts {
-            let now = Instant::now();
-            let remaining = deadline.saturating_duration_since(now);
-            let timeout_error = |after| MeshError::Timeout {
-                service: peer.clone(),
-                after,
-            };
-            if remaining.is_zero() {
-                return Err(timeout_error(policy.timeout));
-            }
-            let index = service
-                .pick(now, &tried)
-                .ok_or_else(|| MeshError::NoEndpoints(peer.clone()))?;
-            tried.push(index);
-            let endpoint = &service.endpoints[index];
-            let try_body = match &replay {
-                Some(bytes) if bytes.is_empty() => Body::default(),
-                Some(bytes) => Full::new(bytes.clone())
-                    .map_err(|never| -> BoxError { match never {} })
-                    .boxed(),
-                None => streamed.take().unwrap_or_default(),
-            };
-            let mut request = Request::new(try_body);
+        let mut body = RequestBody::new(body, &parts.headers, &policy, &peer);
+        let request_for = |body: Body| {
+            let mut request = Request::new(body);
             *request.method_mut() = parts.method.clone();
             *request.uri_mut() = parts.uri.clone();
             *request.version_mut() = parts.version;
             *request.headers_mut() = parts.headers.clone();
-            let try_timeout = policy
-                .retries
-                .per_try_timeout
-                .map_or(remaining, |t| t.min(remaining));
+            request
+        };
+        let plan = TryPlan {
+            deadline,
+            idempotent,
+        };
+        let hedge = policy.hedge.clone().filter(|_| idempotent);
+        let mut hedges_left = hedge.as_ref().map_or(0, |h| h.max_extra);
+        let mut next_hedge = hedge
+            .as_ref()
+            .map(|h| started + hedge_delay(&service, h, started));
+        let mut retries_left = policy.retries.attempts.saturating_sub(1);
+        let mut tried = Vec::new();
+        let mut running = FuturesUnordered::new();
+        // What to answer if no try answers well: the last retryable answer or error.
+        let mut last: Option<Result<Response<Body>, MeshError>> = None;
 
-            let in_flight = endpoint.state.begin();
-            let result =
-                tokio::time::timeout(try_timeout, self.transport.send(&endpoint.target, request))
-                    .await;
-            drop(in_flight);
-            let done = Instant::now();
-            // A try that ran out of time counts its time in the latency estimate, so the
-            // balancer moves away from an instance that stopped answering even before the
-            // outlier detector ejects it.
-            let rtt = done - now;
-            let last = attempt == attempts;
-            let reason = match result {
-                Ok(Ok(response)) => {
-                    let ok = !response.status().is_server_error();
-                    if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
-                        ejected(&peer, endpoint);
+        let first = service
+            .pick(Instant::now(), &tried)
+            .ok_or_else(|| MeshError::NoEndpoints(peer.clone()))?;
+        tried.push(first);
+        let Some(first_body) = body.for_try() else {
+            return Err(MeshError::NoEndpoints(peer));
+        };
+        running.push(self.one_try(&service, first, request_for(first_body), &plan, Kind::First));
+
+        loop {
+            let hedge_at = next_hedge.filter(|_| hedges_left > 0);
+            let outcome = tokio::select! {
+                outcome = running.next(), if !running.is_empty() => outcome,
+                _ = sleep_until_opt(hedge_at) => {
+                    let now = Instant::now();
+                    next_hedge = hedge.as_ref().map(|h| now + hedge_delay(&service, h, now));
+                    hedges_left -= 1;
+                    // Hedge only with a whole body, to an endpoint not tried yet.
+                    if now < deadline && body.complete()
+                        && let Some(index) = service.pick(now, &tried).filter(|i| !tried.contains(i))
+                        && spend(&service, now, Spend::Hedge)
+                        && let Some(try_body) = body.for_try()
+                    {
+                        tried.push(index);
+                        running.push(self.one_try(&service, index, request_for(try_body), &plan, Kind::Hedge));
                     }
-                    let retry = !last && retry_on_answer(&policy.retries.on, &response);
-                    if !retry || !spend_retry(service, done) {
-                        return Ok(response);
-                    }
-                    // Dropping the answer stops its stream.
-                    format!("status {}", response.status())
+                    continue;
                 }
-                failed => {
-                    let (error, retryable, rtt) = match failed {
-                        Ok(Err(e)) => {
-                            let retryable = e.is_connect_failure()
-                                || (idempotent
-                                    && matches!(e, TransportError::Reset { .. })
-                                    && policy
-                                        .retries
-                                        .on
-                                        .contains(&RetryOn::Condition("reset".into())));
-                            let error = match e {
-                                TransportError::Connect { .. } => {
-                                    MeshError::ConnectFailure(e.to_string())
-                                }
-                                TransportError::Refused { .. } => {
-                                    MeshError::PeerRefused(e.to_string())
-                                }
-                                TransportError::Reset { .. } => {
-                                    MeshError::UpstreamReset(e.to_string())
-                                }
-                            };
-                            (error, retryable, None)
-                        }
-                        _ if done >= deadline => (timeout_error(policy.timeout), false, Some(rtt)),
-                        _ => (timeout_error(try_timeout), idempotent, Some(rtt)),
-                    };
-                    if endpoint.state.record(false, rtt, done, &policy.outlier) {
-                        ejected(&peer, endpoint);
+                else => None,
+            };
+            let Some((kind, verdict)) = outcome else {
+                // Nothing running and nothing left to try.
+                return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
+            };
+            let others = !running.is_empty();
+            let retry = match verdict {
+                Verdict::Done(response) if !(others && response.status().is_server_error()) => {
+                    if kind == Kind::Hedge {
+                        metrics::counter!("sinew_hedge_wins_total", "peer" => peer.clone())
+                            .increment(1);
                     }
-                    if !retryable || last || !spend_retry(service, done) {
-                        return Err(error);
-                    }
-                    error.to_string()
+                    // Returning drops the other tries: their streams are reset.
+                    return Ok(response);
+                }
+                Verdict::Done(response) => {
+                    last = Some(Ok(response));
+                    false
+                }
+                Verdict::Retry(answer) => {
+                    last = Some(answer);
+                    true
+                }
+                Verdict::Failed(error) => {
+                    last = Some(Err(error));
+                    false
                 }
             };
-            tracing::debug!(%peer, attempt, "retrying after: {reason}");
-            // A short jittered pause, so retries of many requests do not arrive in lockstep.
-            let pause = Duration::from_millis(fastrand::u64(0..=(10u64 << (attempt - 1).min(4))));
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            if others {
+                // Another try is still out: its answer may yet be good.
+                continue;
+            }
+            // Retry when the outcome allows it, a try is left, time is left, the body can be
+            // sent again, there is an endpoint, and the budget grants it (in that order: the
+            // budget is spent only on a retry that will go out).
+            let now = Instant::now();
+            let next = (retry && retries_left > 0 && now < deadline && body.can_resend())
+                .then(|| service.pick(now, &tried))
+                .flatten()
+                .filter(|_| spend(&service, now, Spend::Retry))
+                .and_then(|index| Some((index, body.for_try()?)));
+            let Some((index, try_body)) = next else {
+                return last.unwrap_or_else(|| Err(MeshError::NoEndpoints(peer.clone())));
+            };
+            if let Some(Err(error)) = &last {
+                tracing::debug!(%peer, "retrying after: {error}");
+            } else if let Some(Ok(answer)) = &last {
+                tracing::debug!(%peer, "retrying after status {}", answer.status());
+            }
+            // Dropping a retried answer stops its stream.
+            last = None;
+            retries_left -= 1;
+            tried.push(index);
+            running.push(self.one_try(
+                &service,
+                index,
+                request_for(try_body),
+                &plan,
+                Kind::Retry(tried.len() as u32 - 1),
+            ));
         }
-        Err(MeshError::NoEndpoints(peer))
+    }
+
+    /// The service as soon as it has an endpoint: at once, or after waiting up to its
+    /// `endpoint_wait` (and no later than `deadline`) for an update that brings one.
+    async fn with_endpoints(
+        &self,
+        service: Arc<Service>,
+        deadline: Instant,
+    ) -> Result<Arc<Service>, MeshError> {
+        if !service.endpoints.is_empty() {
+            return Ok(service);
+        }
+        let until = (Instant::now() + service.policy.endpoint_wait).min(deadline);
+        let mut updates = self.shared.updated.subscribe();
+        let mut waited = false;
+        loop {
+            if let Some(current) = self.shared.snapshot.load().services.get(&service.name)
+                && !current.endpoints.is_empty()
+            {
+                return Ok(current.clone());
+            }
+            if !waited && Instant::now() < until {
+                waited = true;
+                metrics::counter!("sinew_endpoint_waits_total", "peer" => service.name.clone())
+                    .increment(1);
+            }
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(until.into()) => break,
+            }
+        }
+        metrics::counter!("sinew_no_endpoints_total", "peer" => service.name.clone()).increment(1);
+        Err(MeshError::NoEndpoints(service.name.clone()))
+    }
+
+    /// One try on one endpoint: a short jittered pause first for a retry (so retries of
+    /// many requests do not arrive in lockstep), then the exchange under the per-try timeout.
+    /// The outcome feeds the endpoint's latency, outlier and reachability records.
+    async fn one_try(
+        &self,
+        service: &Service,
+        index: usize,
+        request: Request<Body>,
+        plan: &TryPlan,
+        kind: Kind,
+    ) -> (Kind, Verdict) {
+        let policy = &service.policy;
+        let peer = &service.name;
+        if let Kind::Retry(n) = kind {
+            let pause = Duration::from_millis(fastrand::u64(0..=(10u64 << (n - 1).min(4))));
+            tokio::time::sleep(pause.min(plan.deadline.saturating_duration_since(Instant::now())))
+                .await;
+        }
+        let endpoint = &service.endpoints[index];
+        let now = Instant::now();
+        let remaining = plan.deadline.saturating_duration_since(now);
+        let timeout_error = |after| MeshError::Timeout {
+            service: peer.clone(),
+            after,
+        };
+        if remaining.is_zero() {
+            return (kind, Verdict::Failed(timeout_error(policy.timeout)));
+        }
+        let try_timeout = policy
+            .retries
+            .per_try_timeout
+            .map_or(remaining, |t| t.min(remaining));
+        let in_flight = endpoint.state.begin();
+        let mut abandoned = Abandoned {
+            endpoint,
+            started: now,
+            armed: true,
+        };
+        let result =
+            tokio::time::timeout(try_timeout, self.transport.send(&endpoint.target, request)).await;
+        abandoned.armed = false;
+        drop(in_flight);
+        let done = Instant::now();
+        // A try that ran out of time counts its time in the latency estimate, so the
+        // balancer moves away from an instance that stopped answering even before the
+        // outlier detector ejects it.
+        let rtt = done - now;
+        let verdict = match result {
+            Ok(Ok(response)) => {
+                endpoint.state.connected();
+                service.state.latencies.record(rtt, done);
+                let ok = !response.status().is_server_error();
+                if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
+                    ejected(peer, endpoint);
+                }
+                if refused_before_the_app(&response)
+                    || retry_on_answer(&policy.retries.on, &response)
+                {
+                    Verdict::Retry(Ok(response))
+                } else {
+                    Verdict::Done(response)
+                }
+            }
+            Ok(Err(e)) => {
+                if e.is_connect_failure() {
+                    if endpoint.state.connect_failed(done) {
+                        metrics::counter!("sinew_endpoints_down_total", "peer" => peer.clone())
+                            .increment(1);
+                    }
+                } else {
+                    endpoint.state.connected();
+                }
+                let retryable = e.is_connect_failure()
+                    || (plan.idempotent
+                        && matches!(e, TransportError::Reset { .. })
+                        && RetryOn::lists(&policy.retries.on, "reset"));
+                let error = match e {
+                    TransportError::Connect { .. } => MeshError::ConnectFailure(e.to_string()),
+                    TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
+                    TransportError::Reset { .. } => MeshError::UpstreamReset(e.to_string()),
+                };
+                if endpoint.state.record(false, None, done, &policy.outlier) {
+                    ejected(peer, endpoint);
+                }
+                if retryable {
+                    Verdict::Retry(Err(error))
+                } else {
+                    Verdict::Failed(error)
+                }
+            }
+            Err(_) => {
+                if endpoint
+                    .state
+                    .record(false, Some(rtt), done, &policy.outlier)
+                {
+                    ejected(peer, endpoint);
+                }
+                if done >= plan.deadline {
+                    Verdict::Failed(timeout_error(policy.timeout))
+                } else if plan.idempotent || RetryOn::lists(&policy.retries.on, "timeout") {
+                    Verdict::Retry(Err(timeout_error(try_timeout)))
+                } else {
+                    Verdict::Failed(timeout_error(try_timeout))
+                }
+            }
+        };
+        (kind, verdict)
+    }
+}
+
+/// Dropped with a try that never ended (it lost a hedge race, its client went away): the
+/// time it had taken goes into the endpoint's latency estimate, so an instance whose tries
+/// keep losing races still looks slow to the balancer. Disarmed when the try ends.
+struct Abandoned<'a> {
+    endpoint: &'a Endpoint,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let now = Instant::now();
+            self.endpoint.state.observe(now - self.started, now);
+        }
+    }
+}
+
+/// What every try of one request shares.
+struct TryPlan {
+    deadline: Instant,
+    idempotent: bool,
+}
+
+/// Why a try was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    First,
+    /// The n-th retry (1 for the first).
+    Retry(u32),
+    Hedge,
+}
+
+/// How a try ended.
+enum Verdict {
+    /// An answer to hand back as it is.
+    Done(Response<Body>),
+    /// An answer the policy retries, or an error that may be retried; returned as it is if
+    /// no retry can be made.
+    Retry(Result<Response<Body>, MeshError>),
+    /// An error no retry may follow.
+    Failed(MeshError),
+}
+
+/// The request body across tries: none (every try sends none), kept while it streams (sent
+/// again while it stays within [`REPLAY_BUFFER`]: [`Replay`]), or one that streams once (a
+/// declared length past the buffer, or retries off).
+enum RequestBody {
+    Empty,
+    Kept(Replay),
+    Once(Option<Body>),
+}
+
+impl RequestBody {
+    fn new(body: Body, headers: &http::HeaderMap, policy: &ServiceSpec, peer: &str) -> Self {
+        let resendable = policy.retries.attempts > 1 || policy.hedge.is_some();
+        let declared = crate::transport::quic::content_length(headers);
+        if body.is_end_stream() || declared == Some(0) {
+            RequestBody::Empty
+        } else if resendable && declared.is_none_or(|n| n <= REPLAY_BUFFER as u64) {
+            RequestBody::Kept(Replay::new(body, REPLAY_BUFFER, peer))
+        } else {
+            if resendable {
+                metrics::counter!("sinew_retries_unreplayable_total", "peer" => peer.to_string())
+                    .increment(1);
+            }
+            RequestBody::Once(Some(body))
+        }
+    }
+
+    /// The body for the next try; `None` when it cannot be sent again.
+    fn for_try(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Empty => Some(Body::default()),
+            RequestBody::Kept(replay) => replay.replayable().then(|| replay.body()),
+            RequestBody::Once(body) => body.take(),
+        }
+    }
+
+    fn can_resend(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Kept(replay) => replay.replayable(),
+            RequestBody::Once(body) => body.is_some(),
+        }
+    }
+
+    /// Whether every byte is in hand, so tries may run side by side.
+    fn complete(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Kept(replay) => replay.complete(),
+            RequestBody::Once(_) => false,
+        }
+    }
+}
+
+/// The hedge delay now: as configured, or the service's recent percentile (the fallback
+/// until it has answered often enough to tell).
+fn hedge_delay(service: &Service, hedge: &HedgePolicy, now: Instant) -> Duration {
+    match hedge.delay {
+        HedgeDelay::Fixed(delay) => delay,
+        HedgeDelay::Percentile(per_mille) => service
+            .state
+            .latencies
+            .percentile(per_mille, HedgeDelay::MIN_SAMPLES, now)
+            .unwrap_or(HedgeDelay::FALLBACK),
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -304,6 +557,20 @@ impl http_body::Body for HoldingBody {
     }
 }
 
+/// Whether the peer's sidecar refused the request before its app saw it (its app fails
+/// health checks, it has no configuration yet, or it serves another service): like a connect
+/// failure, safe to retry elsewhere for any method.
+fn refused_before_the_app<B>(response: &Response<B>) -> bool {
+    response
+        .headers()
+        .get(crate::errors::HEADER)
+        .is_some_and(|reason| {
+            ["unhealthy", "not-ready", "misdirected"]
+                .iter()
+                .any(|r| reason.as_bytes() == r.as_bytes())
+        })
+}
+
 /// Whether an answer is one the policy retries: a listed status code, or gRPC UNAVAILABLE
 /// (status 14 in the head: a trailers-only answer) when `unavailable` is listed.
 fn retry_on_answer<B>(on: &[RetryOn], response: &Response<B>) -> bool {
@@ -319,16 +586,29 @@ fn retry_on_answer<B>(on: &[RetryOn], response: &Response<B>) -> bool {
     })
 }
 
-/// Spends one retry from the service's budget; counts the retry, or the refusal.
-fn spend_retry(service: &Service, now: Instant) -> bool {
-    if service.state.try_retry(now) {
-        metrics::counter!("sinew_retries_total", "peer" => service.name.clone()).increment(1);
-        true
-    } else {
-        metrics::counter!("sinew_retries_budget_exhausted_total", "peer" => service.name.clone())
-            .increment(1);
-        false
+/// What a try beyond the first is for.
+#[derive(Debug, Clone, Copy)]
+enum Spend {
+    Retry,
+    Hedge,
+}
+
+/// Spends one try from the service's retry budget; counts it, or the refusal.
+fn spend(service: &Service, now: Instant, what: Spend) -> bool {
+    let peer = service.name.clone();
+    let granted = service.state.try_retry(now);
+    match (what, granted) {
+        (Spend::Retry, true) => metrics::counter!("sinew_retries_total", "peer" => peer),
+        (Spend::Retry, false) => {
+            metrics::counter!("sinew_retries_budget_exhausted_total", "peer" => peer)
+        }
+        (Spend::Hedge, true) => metrics::counter!("sinew_hedges_total", "peer" => peer),
+        (Spend::Hedge, false) => {
+            metrics::counter!("sinew_hedges_budget_exhausted_total", "peer" => peer)
+        }
     }
+    .increment(1);
+    granted
 }
 
 fn ejected(peer: &str, endpoint: &Endpoint) {
@@ -433,5 +713,21 @@ mod tests {
         assert!(retry_on_answer(&on, &answer(200, Some("14"))));
         assert!(!retry_on_answer(&on, &answer(200, Some("13"))));
         assert!(!retry_on_answer(&[], &answer(503, None)));
+    }
+
+    #[test]
+    fn refusals_of_the_peer_sidecar_are_told_from_answers_of_its_app() {
+        let answer = |reason: Option<&str>| {
+            let mut response = Response::builder().status(503);
+            if let Some(reason) = reason {
+                response = response.header(crate::errors::HEADER, reason);
+            }
+            response.body(()).unwrap()
+        };
+        assert!(refused_before_the_app(&answer(Some("unhealthy"))));
+        assert!(refused_before_the_app(&answer(Some("not-ready"))));
+        assert!(refused_before_the_app(&answer(Some("misdirected"))));
+        assert!(!refused_before_the_app(&answer(Some("app-unreachable"))));
+        assert!(!refused_before_the_app(&answer(None)));
     }
 }

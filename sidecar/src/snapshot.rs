@@ -4,7 +4,7 @@
 
 use crate::balance::p2c;
 use crate::endpoint::{EndpointState, ServiceState};
-use crate::resilience::State;
+use crate::resilience::{Reach, State};
 use crate::transport::Target;
 use prost::Message;
 use sinew_proto::policy::{ServiceSpec, SubscriptionSpec, validate_name};
@@ -54,30 +54,39 @@ pub struct Endpoint {
 
 impl Service {
     /// Picks the endpoint for one try. An endpoint whose ejection ran out goes first: one
-    /// probe request decides whether it is back. Otherwise power of two choices by cost
-    /// (peak-EWMA latency × requests in flight) over the endpoints that are not ejected and
-    /// that this request has not tried yet. When more than `max_ejection_percent` are
-    /// ejected, or none is left, it balances across all of them (panic mode): an ejection
-    /// must never turn a degraded service into an unavailable one.
+    /// probe request decides whether it is back; so does one whose last dial failed, once
+    /// its redial wait is over. Otherwise power of two choices by cost (peak-EWMA latency ×
+    /// requests in flight) over the endpoints that are not ejected, not known down, and that
+    /// this request has not tried yet. When every endpoint left is down, it tries those
+    /// anyway (the record may be stale). When more than `max_ejection_percent` are ejected,
+    /// or all are, it balances across all of them (panic mode): an ejection must never turn
+    /// a degraded service into an unavailable one. `None` only when there is no endpoint.
     pub fn pick(&self, now: Instant, tried: &[usize]) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
         let mut ready = Vec::with_capacity(n);
+        let mut down = Vec::new();
         for (i, endpoint) in self.endpoints.iter().enumerate() {
             match endpoint.state.state(now) {
                 State::Probe => return Some(i),
-                State::Ready => ready.push(i),
+                State::Ready => match endpoint.state.reach(now) {
+                    Reach::Reachable => ready.push(i),
+                    Reach::Redial if !tried.contains(&i) => return Some(i),
+                    Reach::Redial | Reach::Down => down.push(i),
+                },
                 _ => {}
             }
         }
-        let ejected = n - ready.len();
+        let ejected = n - ready.len() - down.len();
         let allowed = n * self.policy.outlier.max_ejection_percent as usize / 100;
-        let mut candidates = if ready.is_empty() || ejected > allowed {
+        let mut candidates = if ejected == n || ejected > allowed {
             metrics::counter!("sinew_balancer_panic_total", "peer" => self.name.clone())
                 .increment(1);
             (0..n).collect()
+        } else if ready.is_empty() {
+            down
         } else {
             ready
         };
@@ -146,6 +155,7 @@ impl Service {
                 Arc::new(ServiceState::new(
                     &policy.retries.budget,
                     policy.max_concurrent,
+                    now,
                 ))
             });
         // The in-flight count survives a policy change; only the maximum moves.
@@ -459,6 +469,35 @@ mod tests {
             .apply(&update(1, true, vec![resource("web", &[])], &[]))
             .unwrap();
         assert!(empty.services["web"].pick(now, &[]).is_none());
+    }
+
+    #[test]
+    fn a_down_endpoint_is_skipped_redialed_once_per_wait_and_tried_when_all_are_down() {
+        let s = Snapshot::default()
+            .apply(&update(
+                1,
+                true,
+                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
+                &[],
+            ))
+            .unwrap();
+        let orders = &s.services["orders"];
+        let t0 = Instant::now();
+        assert!(orders.endpoints[0].state.connect_failed(t0), "newly down");
+        for _ in 0..20 {
+            assert_eq!(orders.pick(t0, &[]), Some(1), "the down one is skipped");
+        }
+        let wait = crate::resilience::reachability::REDIAL_BASE;
+        assert_eq!(orders.pick(t0 + wait, &[]), Some(0), "one redial");
+        assert_eq!(orders.pick(t0 + wait, &[]), Some(1), "only one");
+        // Both down: try them anyway.
+        assert!(orders.endpoints[1].state.connect_failed(t0 + wait));
+        assert!(orders.pick(t0 + wait, &[]).is_some());
+        // A connection works again: back in the rotation.
+        orders.endpoints[0].state.connected();
+        for _ in 0..20 {
+            assert_eq!(orders.pick(t0 + wait, &[]), Some(0));
+        }
     }
 
     #[test]

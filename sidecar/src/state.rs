@@ -20,6 +20,10 @@ pub struct Shared {
     pub shutdown: watch::Sender<bool>,
     /// The events outbox, once open (the control stream answers questions about it).
     pub events: std::sync::OnceLock<std::sync::Arc<crate::events::Events>>,
+    /// The version of the snapshot just applied: requests waiting for endpoints watch it.
+    pub updated: watch::Sender<u64>,
+    /// Whether the local app passes its health checks (always true without checks).
+    pub app_healthy: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -29,6 +33,10 @@ impl Shared {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    pub fn is_app_healthy(&self) -> bool {
+        *self.app_healthy.borrow()
     }
 }
 

@@ -498,12 +498,27 @@ pub async fn pair(test: &str, n: usize) -> Pair {
 }
 
 pub async fn pair_with(test: &str, n: usize, lease_grace: &'static str) -> Pair {
+    pair_opts(test, n, lease_grace, &[]).await
+}
+
+/// [`pair_with`], the `orders` sidecars started with `orders_flags` as well.
+pub async fn pair_opts(
+    test: &str,
+    n: usize,
+    lease_grace: &'static str,
+    orders_flags: &[&str],
+) -> Pair {
     let mesh = Mesh::start_with(test, lease_grace);
     let client = http_client();
     let mut orders = Vec::new();
     for i in 1..=n {
         let app = mesh.app(&format!("orders-{i}"));
-        let sidecar = mesh.sidecar(&format!("orders-{i}"), "orders", app.addr("http"), &[]);
+        let sidecar = mesh.sidecar(
+            &format!("orders-{i}"),
+            "orders",
+            app.addr("http"),
+            orders_flags,
+        );
         orders.push((app, sidecar));
     }
     // web's app port is never called in these tests.
@@ -530,7 +545,9 @@ pub async fn metric(client: &HttpClient, admin: SocketAddr, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+        .sum::<f64>()
+        // An empty sum is -0.0; print it as 0.
+        + 0.0
 }
 
 /// What an open-loop load run saw.
@@ -541,12 +558,64 @@ pub struct LoadReport {
     /// Failed requests: status (0 when no response at all) and `sinew-error`, if any.
     pub failures: Vec<(u16, String)>,
     pub latencies: Vec<Duration>,
+    /// The status of each request, in the order of `latencies` (0: no response).
+    pub statuses: Vec<u16>,
 }
 
 impl LoadReport {
     pub fn success_ratio(&self) -> f64 {
         self.ok as f64 / self.sent.max(1) as f64
     }
+
+    /// The latency below which `p` (0..=1) of the requests answered.
+    pub fn percentile(&self, p: f64) -> Duration {
+        self.percentile_of(p, |_| true)
+    }
+
+    /// [`LoadReport::percentile`] over the requests whose status passes `keep`.
+    pub fn percentile_of(&self, p: f64, keep: impl Fn(u16) -> bool) -> Duration {
+        let mut sorted: Vec<Duration> = self
+            .latencies
+            .iter()
+            .zip(&self.statuses)
+            .filter(|(_, s)| keep(**s))
+            .map(|(l, _)| *l)
+            .collect();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    }
+
+    /// One line of figures for the notes: sent, ok, failures by kind, p50/p99/max.
+    pub fn summary(&self) -> String {
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for (status, reason) in &self.failures {
+            *kinds.entry(format!("{status} {reason}")).or_default() += 1;
+        }
+        format!(
+            "sent {}, ok {}, failed {:?}, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.sent,
+            self.ok,
+            kinds,
+            self.percentile(0.5).as_secs_f64() * 1e3,
+            self.percentile(0.99).as_secs_f64() * 1e3,
+            self.percentile(1.0).as_secs_f64() * 1e3,
+        )
+    }
+}
+
+/// Prints one chaos case's figures in a form that can be copied into the README's table.
+pub fn figures(case: &str, report: &LoadReport, retried: f64, ejections: f64, extra: &str) {
+    eprintln!(
+        "FIGURES | {case} | sent {} | ok {} | retried {retried} | ejections {ejections} | p50 {:.1} ms | p99 {:.1} ms | {extra}",
+        report.sent,
+        report.ok,
+        report.percentile(0.5).as_secs_f64() * 1e3,
+        report.percentile(0.99).as_secs_f64() * 1e3,
+    );
 }
 
 /// Sends `GET <path>` with `Host: <host>` at a fixed rate for `duration` (open loop: each
@@ -588,6 +657,9 @@ where
     for task in tasks {
         let (answer, latency) = task.await.unwrap();
         report.latencies.push(latency);
+        report
+            .statuses
+            .push(answer.as_ref().map_or(0, |a| a.status));
         match answer {
             Ok(a) if a.status == 200 => report.ok += 1,
             Ok(a) => report.failures.push((

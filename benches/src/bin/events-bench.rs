@@ -62,60 +62,76 @@ async fn subscriber(latencies: Arc<Mutex<Vec<u64>>>) -> anyhow::Result<SocketAdd
     Ok(addr)
 }
 
+/// Publishes; `Ok(false)` when the outbox is full (503 `outbox-full`: back-pressure).
 async fn publish(
     client: &HttpClient,
     outbound: SocketAddr,
     path: &str,
     body: Bytes,
     ct: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let request = http::Request::post(format!("http://{outbound}{path}"))
         .header("content-type", ct)
         .body(Full::new(body))?;
     let response = client.request(request).await?;
     let status = response.status();
+    let full = response
+        .headers()
+        .get("sinew-error")
+        .is_some_and(|v| v == "outbox-full");
     let _ = response.into_body().collect().await;
+    if full {
+        return Ok(false);
+    }
     anyhow::ensure!(
         status == http::StatusCode::ACCEPTED,
         "publish answered {status}"
     );
-    Ok(())
+    Ok(true)
 }
 
-/// Runs `workers` publishers for `secs`; returns events published.
+/// Runs `workers` publishers for `secs`; returns events published and publishes refused
+/// as `outbox-full` (each then waits 10 ms).
 async fn throughput(
     outbound: SocketAddr,
     workers: usize,
     secs: u64,
     batch: usize,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for _ in 0..workers {
         tasks.push(tokio::spawn(async move {
             let client = http_client();
-            let mut n = 0u64;
+            let (mut n, mut refused) = (0u64, 0u64);
             // Bounded by time and by count.
             while Instant::now() < deadline && n < 2_000_000 {
-                if batch == 1 {
-                    publish(&client, outbound, "/v1/events/bench", Bytes::from(now_ns().to_string()), "text/plain").await?;
+                let stored = if batch == 1 {
+                    publish(&client, outbound, "/v1/events/bench", Bytes::from(now_ns().to_string()), "text/plain").await?
                 } else {
                     let entries: Vec<serde_json::Value> = (0..batch)
                         .map(|_| serde_json::json!({"datacontenttype": "text/plain", "data": now_ns().to_string()}))
                         .collect();
                     let body = Bytes::from(serde_json::to_vec(&entries)?);
-                    publish(&client, outbound, "/v1/events/bench:batch", body, "application/cloudevents-batch+json").await?;
+                    publish(&client, outbound, "/v1/events/bench:batch", body, "application/cloudevents-batch+json").await?
+                };
+                if stored {
+                    n += batch as u64;
+                } else {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                n += batch as u64;
             }
-            anyhow::Ok(n)
+            anyhow::Ok((n, refused))
         }));
     }
-    let mut total = 0;
+    let (mut total, mut refused) = (0, 0);
     for t in tasks {
-        total += t.await??;
+        let (n, r) = t.await??;
+        total += n;
+        refused += r;
     }
-    Ok(total)
+    Ok((total, refused))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -192,19 +208,21 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     for t in tasks {
-        t.await??;
+        anyhow::ensure!(t.await??, "the outbox filled up at {rate}/s");
     }
     drained(&client, admin).await;
     println!("events, embedded backend: publisher sidecar + 2 subscriber sidecars, one machine");
     println!("| measure | value |");
     println!("|---|---|");
     println!(
-        "| durable publishes/s, single events, 16 concurrent publishers | {:.0} |",
-        single as f64 / secs as f64
+        "| durable publishes/s, single events, 16 concurrent publishers | {:.0} ({} refused as outbox-full) |",
+        single.0 as f64 / secs as f64,
+        single.1
     );
     println!(
-        "| durable publishes/s, batches of 100, 4 concurrent publishers | {:.0} |",
-        batched as f64 / secs as f64
+        "| durable publishes/s, batches of 100, 4 concurrent publishers | {:.0} ({} batches refused as outbox-full) |",
+        batched.0 as f64 / secs as f64,
+        batched.1
     );
     for (name, l) in [("sub-a", &lat_a), ("sub-b", &lat_b)] {
         let mut v = l.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();

@@ -9,16 +9,26 @@
 //!   Linkerd failure accrual).
 //! - [`ConcurrencyLimit`]: at most N requests in flight per upstream service; past it, fail
 //!   fast instead of queueing (Envoy's circuit-breaker thresholds).
+//! - [`Reachability`]: an endpoint whose last dial failed is not ready until one request
+//!   dials it again after a growing wait.
+//! - [`Replay`]: a request body kept while it streams, so a try can be sent again.
+//! - [`Latencies`]: a service's recent response times, for a percentile hedge delay.
 
 use std::time::{Duration, Instant};
 
 pub mod budget;
+pub mod latencies;
 pub mod limits;
 pub mod outlier;
+pub mod reachability;
+pub mod replay;
 
 pub use budget::RetryBudget;
+pub use latencies::Latencies;
 pub use limits::{ConcurrencyLimit, Overloaded, Permit};
 pub use outlier::Outlier;
+pub use reachability::{Reach, Reachability};
+pub use replay::Replay;
 
 // The outlier's vocabulary, what the data path reads and writes (policy in, verdicts out),
 // lives here; `outlier.rs` holds the mechanism and its tests.

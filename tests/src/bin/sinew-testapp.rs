@@ -3,6 +3,13 @@
 //! - `/whoami`: the instance name ($INSTANCE); or 503 for the share of requests set by
 //!   `/control/fail?percent=N` (deterministic: N of every 100).
 //! - `/control/served`: how many `/whoami` requests were answered 200.
+//! - `/control/latency?ms=N`: every `/whoami` answers N ms later (0: at once).
+//! - `/control/stall?ms=N&percent=P`: P of every 100 `/whoami` requests (deterministic: the
+//!   first P of each hundred, counted from this call) answer N ms later;
+//!   `/control/stalled` says how many requests were stalled since (whether or not the caller
+//!   waited for the answer).
+//! - `/health`: 200, or 503 while `/control/health?ok=0` (`?ok=1` heals it);
+//!   `/control/health-checks` counts the `/health` requests.
 //! - `/echo`: streams the request body back; request headers come back as `echo-<name>`
 //!   (or 503, like `/whoami`, while failures are induced).
 //! - `/bytes?n=N`: streams N bytes (a repeating pattern) in 64 KiB chunks.
@@ -22,7 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sha2::Digest;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -88,6 +96,12 @@ async fn event(request: Request<Incoming>) -> Response<Body> {
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     response
 }
+static LATENCY_MS: AtomicU64 = AtomicU64::new(0);
+static STALL_MS: AtomicU64 = AtomicU64::new(0);
+static STALL_PERCENT: AtomicU32 = AtomicU32::new(0);
+static STALL_COUNTER: AtomicU64 = AtomicU64::new(0);
+static HEALTHY: AtomicBool = AtomicBool::new(true);
+static HEALTH_CHECKS: AtomicU64 = AtomicU64::new(0);
 
 fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -109,6 +123,15 @@ async fn handle(
     let path = request.uri().path().to_string();
     let response = match path.as_str() {
         "/whoami" => {
+            let mut delay = LATENCY_MS.load(Ordering::Relaxed);
+            let stall = STALL_COUNTER.fetch_add(1, Ordering::Relaxed) % 100
+                < u64::from(STALL_PERCENT.load(Ordering::Relaxed));
+            if stall {
+                delay += STALL_MS.load(Ordering::Relaxed);
+            }
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if failing() {
                 let mut response = Response::new(full("induced failure"));
                 *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -122,6 +145,41 @@ async fn handle(
             let percent = query(&request, "percent").unwrap_or(0).min(100) as u32;
             FAIL_PERCENT.store(percent, Ordering::Relaxed);
             Response::new(full(format!("failing {percent}%")))
+        }
+        "/control/latency" => {
+            let ms = query(&request, "ms").unwrap_or(0);
+            LATENCY_MS.store(ms, Ordering::Relaxed);
+            Response::new(full(format!("latency {ms} ms")))
+        }
+        "/control/stall" => {
+            let ms = query(&request, "ms").unwrap_or(0);
+            let percent = query(&request, "percent").unwrap_or(0).min(100) as u32;
+            STALL_MS.store(ms, Ordering::Relaxed);
+            STALL_PERCENT.store(percent, Ordering::Relaxed);
+            STALL_COUNTER.store(0, Ordering::Relaxed);
+            Response::new(full(format!("stalling {percent}% for {ms} ms")))
+        }
+        "/control/stalled" => {
+            let received = STALL_COUNTER.load(Ordering::Relaxed);
+            let percent = u64::from(STALL_PERCENT.load(Ordering::Relaxed));
+            let stalled = received / 100 * percent + (received % 100).min(percent);
+            Response::new(full(stalled.to_string()))
+        }
+        "/control/health" => {
+            let ok = query(&request, "ok").unwrap_or(1) != 0;
+            HEALTHY.store(ok, Ordering::Relaxed);
+            Response::new(full(format!("healthy {ok}")))
+        }
+        "/control/health-checks" => {
+            Response::new(full(HEALTH_CHECKS.load(Ordering::Relaxed).to_string()))
+        }
+        "/health" => {
+            HEALTH_CHECKS.fetch_add(1, Ordering::Relaxed);
+            let mut response = Response::new(full("health"));
+            if !HEALTHY.load(Ordering::Relaxed) {
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            response
         }
         "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
         p if p.starts_with("/events/") && request.method() == http::Method::POST => {
@@ -155,8 +213,9 @@ async fn handle(
             Response::new(full(json.to_string()))
         }
         "/echo" if failing() => {
-            // Read the body first: answering early and closing races with the sidecar still
-            // writing it (a broken pipe there is a different failure than the one induced).
+            // Read the body first, as a real app would: a server that answers before reading
+            // closes the connection under the sender, which then may see a reset instead of
+            // the answer (see the README's known limits).
             let _ = request.into_body().collect().await;
             let mut response = Response::new(full("induced failure"));
             *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;

@@ -1,4 +1,6 @@
-//! A tonic server for the end-to-end tests, on 127.0.0.1:$PORT (h2c).
+//! A tonic server for the end-to-end tests, on 127.0.0.1:$PORT (h2c). Besides `Echo` it
+//! answers grpc.health.v1 `Check`: SERVING for `""` and `sinew.test.v1.Echo`, NOT_SERVING
+//! for `broken`, NOT_FOUND for anything else.
 
 use sinew_e2e::echo::echo_server::{Echo, EchoServer};
 use sinew_e2e::echo::{EchoReply, EchoRequest};
@@ -60,6 +62,26 @@ impl Echo for Service {
     }
 }
 
+struct Health;
+
+#[tonic::async_trait]
+impl sinew_proto::health::health_server::Health for Health {
+    async fn check(
+        &self,
+        request: Request<sinew_proto::health::HealthCheckRequest>,
+    ) -> Result<Response<sinew_proto::health::HealthCheckResponse>, Status> {
+        use sinew_proto::health::health_check_response::ServingStatus;
+        let status = match request.into_inner().service.as_str() {
+            "" | "sinew.test.v1.Echo" => ServingStatus::Serving,
+            "broken" => ServingStatus::NotServing,
+            other => return Err(Status::not_found(format!("unknown service {other}"))),
+        };
+        Ok(Response::new(sinew_proto::health::HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let port: u16 = std::env::var("PORT")?.parse()?;
@@ -67,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     println!("listening grpc={}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(Service))
+        .add_service(sinew_proto::health::health_server::HealthServer::new(
+            Health,
+        ))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await?;
     Ok(())

@@ -16,6 +16,8 @@
 //!                               # path is relative to this file's directory
 //!     env: {LOG: debug}         # optional extra environment for the app
 //!     app_protocol: http1       # optional: http1 or h2c (the sidecar's default when unset)
+//!     health: /healthz          # optional: the sidecar health-checks the app with GET /healthz
+//!                               # (`grpc` or `grpc:SERVICE`: grpc.health.v1 Check instead)
 //!   - name: web
 //!     command: [demo-web]
 //!     app_port: 8080            # optional fixed app port of instance 1 (others: a free port)
@@ -78,6 +80,23 @@ pub struct ServiceSection {
     pub app_port: Option<u16>,
     #[serde(default)]
     pub sidecar: SidecarSection,
+    /// The app's health check: a path (`/healthz`), or `grpc` / `grpc:SERVICE`.
+    #[serde(default)]
+    pub health: Option<String>,
+}
+
+impl ServiceSection {
+    /// The sidecar flags that turn the health check on.
+    pub fn health_flags(&self) -> Vec<String> {
+        match self.health.as_deref() {
+            None => Vec::new(),
+            Some("grpc") => vec!["--health-grpc".into()],
+            Some(check) => match check.strip_prefix("grpc:") {
+                Some(service) => vec!["--health-grpc".into(), service.into()],
+                None => vec!["--health-http".into(), check.into()],
+            },
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -161,6 +180,13 @@ impl UpFile {
                 if key.is_empty() || key.contains('=') || key.contains('\0') {
                     return Err(format!("{at}.env: `{key}` is not a variable name"));
                 }
+            }
+            if let Some(check) = &service.health
+                && !(check.starts_with('/') || check == "grpc" || check.starts_with("grpc:"))
+            {
+                return Err(format!(
+                    "{at}.health: `{check}` is neither a path (/healthz) nor grpc[:SERVICE]"
+                ));
             }
             if service.app_port == Some(0) {
                 return Err(format!("{at}.app_port: leave it out to pick a free port"));
@@ -275,6 +301,21 @@ mod tests {
 
     fn error(text: &str) -> String {
         UpFile::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn health_checks_become_sidecar_flags() {
+        let file = UpFile::parse(
+            "services: [{name: a, command: [x], health: /healthz}, {name: b, command: [x], health: grpc}, {name: c, command: [x], health: 'grpc:shop.Cart'}, {name: d, command: [x]}]",
+        )
+        .unwrap();
+        let flags: Vec<Vec<String>> = file.services.iter().map(|s| s.health_flags()).collect();
+        assert_eq!(flags[0], ["--health-http", "/healthz"]);
+        assert_eq!(flags[1], ["--health-grpc"]);
+        assert_eq!(flags[2], ["--health-grpc", "shop.Cart"]);
+        assert!(flags[3].is_empty());
+        let e = error("services: [{name: a, command: [x], health: healthz}]");
+        assert!(e.contains("services[0].health"), "{e}");
     }
 
     #[test]

@@ -242,6 +242,7 @@ async fn start(
             if let Some(protocol) = service.app_protocol {
                 cmd.arg("--app-protocol").arg(protocol.as_flag());
             }
+            cmd.args(service.health_flags());
             let name = format!("sidecar {node}");
             let (pid, pairs) = start_reporting(plan, children, &name, cmd).await?;
             let [outbound, inbound, admin] = ["outbound", "inbound", "admin"]
