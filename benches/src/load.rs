@@ -1,11 +1,14 @@
 //! The load generator, the same for every contender: HTTP/1.1 keep-alive connections (hyper),
 //! either open loop at a fixed rate or closed loop as fast as answers come.
 //!
-//! Open loop corrects for coordinated omission as wrk2 does: each connection has a schedule
-//! (`rate / connections` requests per second, the connections staggered), a request's latency
-//! is measured from the time the schedule meant to send it, not from when the connection was
-//! free again. A proxy that stalls for 100 ms is charged for every request that should have
-//! left during the stall, not for one.
+//! Open loop corrects for coordinated omission as wrk2 does: one schedule at `rate` requests
+//! per second, dealt round-robin to the connections; when a request's connection is still
+//! busy with the previous answer at its scheduled time, its latency is measured from the
+//! scheduled time, not from when the connection was free again. A proxy that stalls for
+//! 100 ms is charged for every request that should have left during the stall, not for one.
+//! The schedule is kept by a pacer thread sleeping with the OS's high-resolution timer (tokio's
+//! timer ticks in milliseconds); when the connection was idle, latency counts from the actual
+//! send, so the pacer's own wake-up delay (tens of µs) is not charged to the proxy.
 //!
 //! Bounded: `rate × duration` requests at most, and each connection stops at twice the
 //! duration plus 5 s even when behind (the requests not sent are counted as `unsent`).
@@ -17,6 +20,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The size of the app's answer.
@@ -113,16 +117,37 @@ pub async fn run(load: &Load) -> anyhow::Result<Outcome> {
     }
     let start = Instant::now() + Duration::from_millis(20);
     let hard_stop = start + load.duration * 2 + Duration::from_secs(5);
+    let count = load.rate.map_or(0, |r| {
+        (f64::from(r) * load.duration.as_secs_f64()).round() as u64
+    });
+    let mut senders = Vec::new();
     let mut tasks = Vec::with_capacity(connections);
     for (index, conn) in conns.into_iter().enumerate() {
         let load = load.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        // Requests dealt round-robin: connection `index` gets every `connections`-th one.
+        let expected =
+            count / connections as u64 + u64::from((index as u64) < count % connections as u64);
         tasks.push(tokio::spawn(async move {
             match load.rate {
-                Some(rate) => open_loop(conn, &load, rate, index, start, hard_stop).await,
+                Some(_) => open_loop(conn, &load, rx, expected, start, hard_stop).await,
                 None => closed_loop(conn, &load, start).await,
             }
         }));
     }
+    let pacer = match load.rate {
+        Some(rate) => {
+            // tokio's Instant is std's (no paused test clock here), so a thread may use it.
+            Some(std::thread::spawn(move || {
+                pace(rate, count, start, hard_stop, senders)
+            }))
+        }
+        None => {
+            drop(senders);
+            None
+        }
+    };
     let mut total = Outcome {
         histogram: histogram(),
         ok: 0,
@@ -141,6 +166,9 @@ pub async fn run(load: &Load) -> anyhow::Result<Outcome> {
         if total.first_error.is_none() {
             total.first_error = part.first_error;
         }
+    }
+    if let Some(pacer) = pacer {
+        let _ = pacer.join();
     }
     Ok(total)
 }
@@ -178,30 +206,60 @@ async fn one(conn: &mut Conn, load: &Load, from: Instant, out: &mut Outcome) {
     }
 }
 
+/// The pacer: sleeps until each scheduled time and hands the request to its connection.
+fn pace(
+    rate: u32,
+    count: u64,
+    start: Instant,
+    hard_stop: Instant,
+    conns: Vec<mpsc::UnboundedSender<Instant>>,
+) {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    for i in 0..count {
+        let intended = start + interval.mul_f64(i as f64);
+        let now = Instant::now();
+        if now > hard_stop {
+            break;
+        }
+        if intended > now {
+            std::thread::sleep(intended - now);
+        }
+        if conns[(i as usize) % conns.len()].send(intended).is_err() {
+            break;
+        }
+    }
+}
+
 async fn open_loop(
     mut conn: Conn,
     load: &Load,
-    rate: u32,
-    index: usize,
+    mut schedule: mpsc::UnboundedReceiver<Instant>,
+    expected: u64,
     start: Instant,
     hard_stop: Instant,
 ) -> Outcome {
-    let connections = load.connections.max(1) as f64;
-    let per_conn = f64::from(rate) / connections;
-    let interval = Duration::from_secs_f64(1.0 / per_conn);
-    // Stagger the connections evenly over one interval.
-    let offset = Duration::from_secs_f64(index as f64 / f64::from(rate));
-    let count = (per_conn * load.duration.as_secs_f64()).round() as u64;
     let mut out = empty_outcome();
-    for i in 0..count {
-        let intended = start + offset + interval.mul_f64(i as f64);
-        if Instant::now() > hard_stop {
-            out.unsent = count - i;
-            break;
-        }
-        tokio::time::sleep_until(intended).await;
-        one(&mut conn, load, intended, &mut out).await;
+    let mut done = 0;
+    // When the previous request on this connection finished.
+    let mut free_since = start;
+    loop {
+        let intended = tokio::select! {
+            next = schedule.recv() => match next {
+                Some(at) => at,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(hard_stop) => break,
+        };
+        let from = if free_since > intended {
+            intended
+        } else {
+            Instant::now()
+        };
+        one(&mut conn, load, from, &mut out).await;
+        free_since = Instant::now();
+        done += 1;
     }
+    out.unsent = expected.saturating_sub(done);
     out.elapsed = start.elapsed();
     out
 }

@@ -48,7 +48,7 @@ fn parse() -> anyhow::Result<Settings> {
         contenders: Kind::ALL.to_vec(),
         reps: 3,
         rates: vec![1000, 5000],
-        seconds: vec![30.0, 15.0],
+        seconds: vec![30.0, 10.0],
         max_seconds: 5.0,
         warmup_seconds: 2.0,
         connections: 16,
@@ -231,6 +231,12 @@ async fn run_one(
     ticks: f64,
 ) -> anyhow::Result<Run> {
     let mut running = contenders::start(kind, peers, placement).await?;
+    let pids: Vec<String> = running
+        .proxies
+        .iter()
+        .map(|(n, p)| format!("{n} pid {p}"))
+        .collect();
+    eprintln!("{} started: {}", kind.name(), pids.join(", "));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let proxy_idle_rss_kib = running
         .proxies
