@@ -132,6 +132,9 @@ pub struct ServiceSpec {
     /// overall `timeout` still bounds it; `0ms` fails at once. Default `3s`.
     #[serde(with = "duration::serde_text")]
     pub endpoint_wait: Duration,
+    /// Requests to this service waiting at once (for an instance, see `endpoint_wait`) in one
+    /// sidecar; past it, 503 `sinew-error: overloaded` at once. Default `1024`.
+    pub max_pending: u32,
     /// Hedging: after `delay` without an answer, send the same request to another instance
     /// as well and take the first good answer. Off when unset (the default).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,6 +152,7 @@ impl Default for ServiceSpec {
             outlier: OutlierPolicy::default(),
             max_concurrent: 1024,
             endpoint_wait: Duration::from_secs(3),
+            max_pending: 1024,
             hedge: None,
         }
     }
@@ -440,6 +444,9 @@ impl ServiceSpec {
         }
         if let Some(calls) = &self.calls {
             check_names("spec.calls", calls)?;
+        }
+        if self.max_pending > 1_000_000 {
+            return Err(("spec.max_pending".into(), "must be at most 1000000".into()));
         }
         if self.endpoint_wait > max {
             return Err(("spec.endpoint_wait".into(), "must be at most 1h".into()));

@@ -143,6 +143,8 @@ pub struct ServiceState {
     pub limit: ConcurrencyLimit,
     /// Recent response times (for a percentile hedge delay).
     pub latencies: Latencies,
+    /// Requests waiting for the service to have an instance (bounded by `max_pending`).
+    pub pending: std::sync::atomic::AtomicUsize,
 }
 
 impl ServiceState {
@@ -156,6 +158,7 @@ impl ServiceState {
             policy: policy.clone(),
             limit: ConcurrencyLimit::new(max_concurrent as usize),
             latencies: Latencies::new(now),
+            pending: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

@@ -38,6 +38,10 @@ pub enum MeshError {
     NotReady,
     #[error("overloaded: {max} requests to `{service}` are already in flight (max_concurrent)")]
     Overloaded { service: String, max: usize },
+    #[error(
+        "overloaded: {max} requests to `{service}` are already waiting for an instance (max_pending)"
+    )]
+    PendingFull { service: String, max: usize },
     #[error("unhealthy: this instance of `{0}` fails its health checks")]
     Unhealthy(String),
 }
@@ -50,6 +54,7 @@ impl MeshError {
             MeshError::NoEndpoints(_)
             | MeshError::NotReady
             | MeshError::Overloaded { .. }
+            | MeshError::PendingFull { .. }
             | MeshError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::ConnectFailure(_)
             | MeshError::PeerRefused(_)
@@ -77,7 +82,7 @@ impl MeshError {
             MeshError::AppUnreachable(_) => "app-unreachable",
             MeshError::Unsupported(_) => "unsupported",
             MeshError::NotReady => "not-ready",
-            MeshError::Overloaded { .. } => "overloaded",
+            MeshError::Overloaded { .. } | MeshError::PendingFull { .. } => "overloaded",
             MeshError::Unhealthy(_) => "unhealthy",
         }
     }

@@ -280,6 +280,16 @@ impl<T: Transport> Outbound<T> {
         if !service.endpoints.is_empty() {
             return Ok(service);
         }
+        // At most `max_pending` requests wait; past it, refuse at once rather than queue.
+        let _waiting = Waiting::enter(service.state.clone());
+        if _waiting.count > service.policy.max_pending as usize {
+            metrics::counter!("sinew_overloaded_total", "peer" => service.name.clone())
+                .increment(1);
+            return Err(MeshError::PendingFull {
+                service: service.name.clone(),
+                max: service.policy.max_pending as usize,
+            });
+        }
         let until = (Instant::now() + service.policy.endpoint_wait).min(deadline);
         let mut updates = self.shared.updated.subscribe();
         let mut waited = false;
@@ -614,6 +624,31 @@ fn spend(service: &Service, now: Instant, what: Spend) -> bool {
 fn ejected(peer: &str, endpoint: &Endpoint) {
     metrics::counter!("sinew_outlier_ejections_total", "peer" => peer.to_string()).increment(1);
     tracing::info!(%peer, endpoint = %endpoint.target.addr, node = %endpoint.node_id, "ejected");
+}
+
+/// One request counted as waiting for an instance until dropped.
+struct Waiting {
+    state: Arc<crate::endpoint::ServiceState>,
+    /// How many wait, this one included.
+    count: usize,
+}
+
+impl Waiting {
+    fn enter(state: Arc<crate::endpoint::ServiceState>) -> Self {
+        let count = state
+            .pending
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        Waiting { state, count }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.state
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The mesh service a request is for: the URI's host (absolute form, or h2's `:authority`),

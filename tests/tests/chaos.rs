@@ -346,6 +346,34 @@ async fn a_service_without_endpoints_fails_fast_and_a_waiting_request_gets_a_new
         1.0
     );
 
+    // At most `max_pending` requests wait; the others are refused at once as overloaded.
+    p.apply("kind: Service\nname: billing\nspec: {endpoint_wait: 1s, max_pending: 2}\n")
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let client = p.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = get(&client, outbound, "billing", "/whoami").await.unwrap();
+            let reason = answer.header("sinew-error").unwrap_or_default().to_string();
+            (answer.status, reason, started.elapsed())
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    eprintln!("max_pending 2, 5 requests: {answers:?}");
+    let overloaded: Vec<_> = answers.iter().filter(|a| a.1 == "overloaded").collect();
+    let waited: Vec<_> = answers.iter().filter(|a| a.1 == "no-endpoints").collect();
+    assert_eq!((overloaded.len(), waited.len()), (3, 2), "{answers:?}");
+    assert!(
+        overloaded
+            .iter()
+            .all(|a| a.0 == 503 && a.2 < Duration::from_millis(800))
+    );
+    assert!(waited.iter().all(|a| a.2 >= Duration::from_millis(800)));
+
     // With a longer wait, a request sent before the first instance exists is answered by it.
     p.apply("kind: Service\nname: billing\nspec: {endpoint_wait: 20s}\n")
         .await;
