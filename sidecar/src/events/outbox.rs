@@ -492,17 +492,7 @@ impl Writer {
             // Delivery bookkeeping is kept aside: if the transaction fails it is written again,
             // or the deliveries it settles would count against the bound until a restart.
             let notes: Vec<Op> = ops.iter().filter_map(Op::bookkeeping_copy).collect();
-            let (next_seq, live_bytes) = (self.next_seq, self.live_bytes);
-            let (dead_count, dead_total_bytes) = (self.dead_count, self.dead_total_bytes);
-            let mut effects = Effects::default();
-            let result = self.apply_inner(ops, &mut effects);
-            if result.is_err() {
-                self.rollback(next_seq, live_bytes, dead_count, dead_total_bytes);
-            }
-            self.undo.clear();
-            // The fill level first: a publisher that hears 202 and publishes again must be
-            // measured against it.
-            self.publish_gauges();
+            let (result, effects) = self.transaction(ops);
             match result {
                 Ok(()) => {
                     for reply in effects.publish_replies {
@@ -540,15 +530,7 @@ impl Writer {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(2));
             let copies: Vec<Op> = notes.iter().filter_map(Op::bookkeeping_copy).collect();
-            let (next_seq, live_bytes) = (self.next_seq, self.live_bytes);
-            let (dead_count, dead_total_bytes) = (self.dead_count, self.dead_total_bytes);
-            let mut effects = Effects::default();
-            let result = self.apply_inner(copies, &mut effects);
-            if result.is_err() {
-                self.rollback(next_seq, live_bytes, dead_count, dead_total_bytes);
-            }
-            self.undo.clear();
-            self.publish_gauges();
+            let (result, effects) = self.transaction(copies);
             match result {
                 Ok(()) => {
                     if !effects.pending.is_empty() {
@@ -559,6 +541,22 @@ impl Writer {
                 Err(e) => tracing::error!(attempt, "outbox bookkeeping write failed: {e}"),
             }
         }
+    }
+
+    /// Applies `ops` in one transaction; on failure the memory is put back as it was. The
+    /// gauges are updated before anyone is answered: a publisher that hears 202 and
+    /// publishes again must be measured against the new fill level.
+    fn transaction(&mut self, ops: Vec<Op>) -> (Result<(), OutboxError>, Effects) {
+        let (next_seq, live_bytes) = (self.next_seq, self.live_bytes);
+        let (dead_count, dead_total_bytes) = (self.dead_count, self.dead_total_bytes);
+        let mut effects = Effects::default();
+        let result = self.apply_inner(ops, &mut effects);
+        if result.is_err() {
+            self.rollback(next_seq, live_bytes, dead_count, dead_total_bytes);
+        }
+        self.undo.clear();
+        self.publish_gauges();
+        (result, effects)
     }
 
     /// Puts the memory back as it was before a failed transaction.
