@@ -183,22 +183,26 @@ async fn past_max_concurrent_requests_fail_fast_as_overloaded() {
     assert_eq!(answer.status, 200);
 }
 
+/// Two instances of `orders`, the first answering 503 to everything; `retries.on: [503]`, so
+/// a request that reaches it is retried on the other when its body was kept.
+async fn pair_with_a_broken_instance(test: &str) -> Pair {
+    let p = pair(test, 2).await;
+    p.apply("kind: Service\nname: orders\nspec:\n  retries: {attempts: 3, on: [503]}\n")
+        .await;
+    let broken = p.orders[0].0.addr("http");
+    let answer = get(&p.client, broken, "x", "/control/fail?percent=100")
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    p
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_bodies_are_replayed_on_retry_large_ones_stream_once() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    let p = pair("chaos-replay", 2).await;
-    p.apply("kind: Service\nname: orders\nspec:\n  retries: {attempts: 3, on: [503]}\n")
-        .await;
+    let p = pair_with_a_broken_instance("chaos-replay").await;
     let web_admin = p.web.addr("admin");
-    let broken = p.orders[0].0.addr("http");
-    assert_eq!(
-        get(&p.client, broken, "x", "/control/fail?percent=100")
-            .await
-            .unwrap()
-            .status,
-        200
-    );
     let outbound = p.web.addr("outbound");
     let post = |body: Bytes| {
         let client = p.client.clone();
@@ -242,18 +246,8 @@ async fn small_bodies_are_replayed_on_retry_large_ones_stream_once() {
 async fn bodies_without_a_length_are_replayed_within_the_buffer_and_stream_once_past_it() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
-    let p = pair("chaos-replay-chunked", 2).await;
-    p.apply("kind: Service\nname: orders\nspec:\n  retries: {attempts: 3, on: [503]}\n")
-        .await;
+    let p = pair_with_a_broken_instance("chaos-replay-chunked").await;
     let web_admin = p.web.addr("admin");
-    let broken = p.orders[0].0.addr("http");
-    assert_eq!(
-        get(&p.client, broken, "x", "/control/fail?percent=100")
-            .await
-            .unwrap()
-            .status,
-        200
-    );
     let outbound = p.web.addr("outbound");
     // A client that sends bodies as a stream of chunks, with no content-length
     // (HTTP/1.1 chunked transfer encoding).
