@@ -14,7 +14,7 @@
 //! the outbox: delivered, retry later (exponential backoff with full jitter, at least what
 //! `Retry-After` asks), or dead letter.
 
-use super::outbox::{Op, Outbox, Pending, unix_ms};
+use super::outbox::{Note, Outbox, Pending, unix_ms};
 use super::wire;
 use crate::outbound::Outbound;
 use crate::snapshot::Subscription;
@@ -250,7 +250,7 @@ impl<T: Transport> Dispatcher<T> {
             let outbox = self.outbox.clone();
             tokio::spawn(async move {
                 for (subscription, seq) in dropped {
-                    outbox.send(Op::Done { subscription, seq }).await;
+                    outbox.send(Note::Done { subscription, seq }).await;
                 }
             });
         }
@@ -283,7 +283,7 @@ impl<T: Transport> Dispatcher<T> {
                     metrics::histogram!("sinew_event_delivery_seconds", "topic" => topic, "subscriber" => service).record(age);
                 }
                 self.outbox
-                    .send(Op::Done {
+                    .send(Note::Done {
                         subscription: name,
                         seq,
                     })
@@ -316,7 +316,7 @@ impl<T: Transport> Dispatcher<T> {
                 queue.waiting.insert((due, seq));
                 tracing::debug!(subscription = %name, seq, attempts, %error, ?delay, "delivery failed; retrying");
                 self.outbox
-                    .send(Op::Retry {
+                    .send(Note::Retry {
                         subscription: name,
                         seq,
                         state: DeliveryState {
@@ -359,7 +359,7 @@ impl<T: Transport> Dispatcher<T> {
                 (topic.clone(), subs.iter().map(|s| s.name.clone()).collect())
             });
         self.outbox
-            .send(Op::Dead {
+            .send(Note::Dead {
                 subscription: subscription.name.clone(),
                 service: subscription.spec.service.clone(),
                 seq,

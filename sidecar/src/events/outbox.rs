@@ -68,13 +68,10 @@ impl Filter {
     }
 }
 
-/// A change to the outbox.
-#[derive(Debug)]
-pub enum Op {
-    Publish {
-        events: Vec<NewEvent>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
+/// Delivery bookkeeping, written by the dispatcher. Losing one to a crash means a delivery
+/// is made again, which at-least-once allows; after a failed transaction it is written again.
+#[derive(Debug, Clone)]
+pub enum Note {
     /// Delivered, or its subscription is gone: the delivery row goes.
     Done { subscription: String, seq: u64 },
     /// An attempt failed; the next one is due at `next_unix_ms`.
@@ -93,6 +90,17 @@ pub enum Op {
         error: String,
         republish: Option<(String, Vec<String>)>,
     },
+}
+
+/// A change to the outbox.
+#[derive(Debug)]
+pub enum Op {
+    Publish {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Delivery bookkeeping: nobody waits for it.
+    Note(Note),
     /// Dead letters matching the filter become pending deliveries again.
     Replay {
         filter: Filter,
@@ -107,43 +115,6 @@ pub enum Op {
 /// The extension attribute a dead-lettered event carries when it is republished to a
 /// dead-letter topic (its value: the subscription that gave it up).
 pub const DEAD_LETTER_MARK: &str = "sinewdeadletter";
-
-impl Op {
-    /// A copy of a bookkeeping op (Done, Retry, Dead); `None` for ops with a reply.
-    fn bookkeeping_copy(&self) -> Option<Op> {
-        match self {
-            Op::Done { subscription, seq } => Some(Op::Done {
-                subscription: subscription.clone(),
-                seq: *seq,
-            }),
-            Op::Retry {
-                subscription,
-                seq,
-                state,
-            } => Some(Op::Retry {
-                subscription: subscription.clone(),
-                seq: *seq,
-                state: state.clone(),
-            }),
-            Op::Dead {
-                subscription,
-                service,
-                seq,
-                attempts,
-                error,
-                republish,
-            } => Some(Op::Dead {
-                subscription: subscription.clone(),
-                service: service.clone(),
-                seq: *seq,
-                attempts: *attempts,
-                error: error.clone(),
-                republish: republish.clone(),
-            }),
-            Op::Publish { .. } | Op::Replay { .. } | Op::Purge { .. } => None,
-        }
-    }
-}
 
 /// What the publish side needs: the writer's queue and the fill level.
 pub struct Outbox {
@@ -301,10 +272,9 @@ impl Outbox {
         answer.await.map_err(|_| OutboxError::Stopped.to_string())?
     }
 
-    /// Queues a change whose outcome nobody waits for (delivery bookkeeping: losing one
-    /// to a crash means a delivery is made again, which at-least-once allows).
-    pub async fn send(&self, op: Op) {
-        if self.ops.send(op).await.is_err() {
+    /// Queues delivery bookkeeping (nobody waits for its outcome).
+    pub async fn send(&self, note: Note) {
+        if self.ops.send(Op::Note(note)).await.is_err() {
             tracing::error!("{}", OutboxError::Stopped);
         }
     }
@@ -491,7 +461,13 @@ impl Writer {
             }
             // Delivery bookkeeping is kept aside: if the transaction fails it is written again,
             // or the deliveries it settles would count against the bound until a restart.
-            let notes: Vec<Op> = ops.iter().filter_map(Op::bookkeeping_copy).collect();
+            let notes: Vec<Note> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Note(note) => Some(note.clone()),
+                    _ => None,
+                })
+                .collect();
             let (result, effects) = self.transaction(ops);
             match result {
                 Ok(()) => {
@@ -524,12 +500,12 @@ impl Writer {
     /// Writes delivery bookkeeping again after a failed transaction, a few times with a
     /// growing pause. If the disk stays broken, those deliveries stay owed on disk (made
     /// again after a restart) and keep counting against the bound until then.
-    fn rewrite(&mut self, notes: Vec<Op>) {
+    fn rewrite(&mut self, notes: Vec<Note>) {
         let mut pause = Duration::from_millis(50);
         for attempt in 1..=8 {
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_secs(2));
-            let copies: Vec<Op> = notes.iter().filter_map(Op::bookkeeping_copy).collect();
+            let copies: Vec<Op> = notes.iter().cloned().map(Op::Note).collect();
             let (result, effects) = self.transaction(copies);
             match result {
                 Ok(()) => {
@@ -593,7 +569,7 @@ impl Writer {
                             self.store(&mut tables, new, effects)?;
                         }
                     }
-                    Op::Done { subscription, seq } => {
+                    Op::Note(Note::Done { subscription, seq }) => {
                         if tables
                             .deliveries
                             .remove((subscription.as_str(), seq))?
@@ -602,11 +578,11 @@ impl Writer {
                             self.settle(&mut tables, seq)?;
                         }
                     }
-                    Op::Retry {
+                    Op::Note(Note::Retry {
                         subscription,
                         seq,
                         state,
-                    } => {
+                    }) => {
                         let key = (subscription.as_str(), seq);
                         if tables.deliveries.get(key)?.is_some() {
                             tables
@@ -614,14 +590,14 @@ impl Writer {
                                 .insert(key, state.encode_to_vec().as_slice())?;
                         }
                     }
-                    Op::Dead {
+                    Op::Note(Note::Dead {
                         subscription,
                         service,
                         seq,
                         attempts,
                         error,
                         republish,
-                    } => {
+                    }) => {
                         let key = (subscription.as_str(), seq);
                         if tables.deliveries.remove(key)?.is_none() {
                             continue;
@@ -887,7 +863,7 @@ mod tests {
                 );
             }
             assert_eq!(outbox.events.load(Ordering::Relaxed), 3);
-            let dead = |subscription: &str, seq| Op::Dead {
+            let dead = |subscription: &str, seq| Note::Dead {
                 subscription: subscription.into(),
                 service: "s".into(),
                 seq,
@@ -900,14 +876,14 @@ mod tests {
             outbox.send(dead("z-sub", 1)).await;
             outbox.send(dead("a-sub", 3)).await;
             outbox
-                .send(Op::Done {
+                .send(Note::Done {
                     subscription: "a-sub".into(),
                     seq: 2,
                 })
                 .await;
             // A Done for a delivery that is not owed changes nothing.
             outbox
-                .send(Op::Done {
+                .send(Note::Done {
                     subscription: "a-sub".into(),
                     seq: 2,
                 })
@@ -930,7 +906,7 @@ mod tests {
             .collect();
         assert_eq!(owed, [("z-sub".to_string(), 3)]);
         outbox
-            .send(Op::Done {
+            .send(Note::Done {
                 subscription: "z-sub".into(),
                 seq: 3,
             })
