@@ -10,6 +10,7 @@ use crate::session::Streams;
 use crate::tokens::constant_time_eq;
 use sinew_proto::policy::{Document, Kind, parse_documents};
 use sinew_proto::v1::admin_api_server::AdminApi;
+use sinew_proto::v1::events_request;
 use sinew_proto::v1::{
     AppliedDocument, ApplyRequest, ApplyResponse, DeadLettersRequest, DeadLettersResponse,
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListServicesRequest,
@@ -89,16 +90,28 @@ impl AdminApi for AdminApiService {
             .ok_or_else(|| Status::invalid_argument("DeadLettersRequest.request is missing"))?;
         let (answers, mut failures) = self.streams.ask_all(&question, ASK_SIDECARS).await;
         let mut response = DeadLettersResponse::default();
+        let listing = question.op == events_request::Op::List as i32;
+        let mut stores = std::collections::HashSet::new();
         for (node, reply) in answers {
             if !reply.error.is_empty() {
                 failures.push(format!("{node}: {}", reply.error));
                 continue;
             }
+            // A shared store (NATS) lists the same dead letters through every sidecar; a
+            // replay or purge through several of them settles each dead letter once.
+            if listing && !reply.store.is_empty() && !stores.insert(reply.store.clone()) {
+                continue;
+            }
             response.matched += reply.matched;
+            let holder = if reply.store.is_empty() {
+                node.clone()
+            } else {
+                reply.store.clone()
+            };
             response
                 .dead_letters
                 .extend(reply.dead_letters.into_iter().map(|mut d| {
-                    d.node_id = node.clone();
+                    d.node_id = holder.clone();
                     d
                 }));
         }

@@ -72,28 +72,38 @@ pub async fn handle<B>(
                     "the outbox is not open yet\n",
                 );
             };
-            let filter = crate::events::outbox::Filter::default();
-            match events.outbox.dead_letters(&filter, 1000) {
-                Ok((dead, entries)) => {
-                    let entries: Vec<serde_json::Value> = entries
-                        .iter()
-                        .map(|d| {
-                            serde_json::json!({
-                                "event_id": d.event_id, "topic": d.topic,
-                                "subscription": d.subscription, "service": d.service,
-                                "attempts": d.attempts, "last_error": d.last_error,
-                            })
-                        })
-                        .collect();
-                    json_response(&serde_json::json!({
-                        "outbox_events": events.outbox.events.load(Ordering::Relaxed),
-                        "outbox_bytes": events.outbox.bytes.load(Ordering::Relaxed),
-                        "dead_letters": dead,
-                        "dead_letter_entries": entries,
-                    }))
-                }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            let reply = events
+                .answer(sinew_proto::v1::EventsRequest {
+                    op: sinew_proto::v1::events_request::Op::List as i32,
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await;
+            if !reply.error.is_empty() {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("{}\n", reply.error),
+                );
             }
+            let entries: Vec<serde_json::Value> = reply
+                .dead_letters
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "event_id": d.event_id, "topic": d.topic,
+                        "subscription": d.subscription, "service": d.service,
+                        "attempts": d.attempts, "last_error": d.last_error,
+                    })
+                })
+                .collect();
+            let (pending, bytes) = events.depth();
+            json_response(&serde_json::json!({
+                "backend": events.backend_name(),
+                "outbox_events": pending,
+                "outbox_bytes": bytes,
+                "dead_letters": reply.matched,
+                "dead_letter_entries": entries,
+            }))
         }
         (&Method::POST, "/shutdown") => {
             shared.begin_shutdown();

@@ -79,6 +79,22 @@ pub struct Args {
     /// Data bytes of undelivered events the outbox holds before publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub outbox_max_bytes: u64,
+    /// Where events are kept and fanned out from: `embedded` (this sidecar's redb outbox) or
+    /// `nats` (a NATS JetStream server shared by the mesh, see `--nats-url`).
+    #[arg(
+        long,
+        env = "SINEW_EVENTS_BACKEND",
+        value_enum,
+        default_value = "embedded"
+    )]
+    pub events_backend: EventsBackend,
+    /// The NATS server for `--events-backend nats`.
+    #[arg(long, env = "SINEW_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Names this mesh's JetStream streams (`<PREFIX>_EVENTS`, `<PREFIX>_DEAD`) and subjects
+    /// (`<prefix>.ev.>`...), so several meshes can share one NATS server.
+    #[arg(long, env = "SINEW_NATS_PREFIX", default_value = "sinew")]
+    pub nats_prefix: String,
     /// Health-check the app with `GET PATH` (2xx/3xx pass) [default: no checks].
     #[arg(long, env = "SINEW_HEALTH_HTTP", conflicts_with = "health_grpc")]
     pub health_http: Option<String>,
@@ -97,6 +113,13 @@ pub struct Args {
     /// Failing checks in a row that withdraw a healthy app.
     #[arg(long, env = "SINEW_UNHEALTHY_THRESHOLD", default_value_t = 2)]
     pub unhealthy_threshold: u32,
+}
+
+/// `--events-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EventsBackend {
+    Embedded,
+    Nats,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -120,6 +143,8 @@ pub struct Config {
     pub zone: String,
     pub drain_timeout: Duration,
     pub event_limits: crate::events::Limits,
+    /// `None`: the embedded outbox.
+    pub nats: Option<crate::events::nats::NatsConfig>,
     /// Active health checks of the app; `None` without `--health-http`/`--health-grpc`.
     pub health: Option<HealthConfig>,
 }
@@ -164,6 +189,17 @@ impl Args {
                 })
             }
         };
+        let nats = match self.events_backend {
+            EventsBackend::Embedded => None,
+            EventsBackend::Nats => {
+                crate::events::nats::validate_prefix(&self.nats_prefix)
+                    .map_err(|e| format!("--nats-prefix: {e}"))?;
+                Some(crate::events::nats::NatsConfig {
+                    url: self.nats_url,
+                    prefix: self.nats_prefix,
+                })
+            }
+        };
         if self.control.iter().all(|c| c.trim().is_empty()) {
             return Err("--control: at least one control-plane address is required".into());
         }
@@ -195,6 +231,7 @@ impl Args {
                 max_outbox_bytes: self.outbox_max_bytes,
                 ..crate::events::Limits::default()
             },
+            nats,
             health,
         })
     }

@@ -166,6 +166,27 @@ impl Inbound {
                 });
             }
         }
+        self.forward(authority, Some(caller), request).await
+    }
+
+    /// Hands an event pulled from NATS JetStream (`--events-backend nats`) to the app: the
+    /// same health and readiness gates as a request from the mesh, without the allow list
+    /// (the subscription itself is the app's consent to the topic).
+    pub async fn deliver_event(&self, request: Request<Body>) -> Result<Response<Body>, MeshError> {
+        if !self.shared.is_app_healthy() {
+            return Err(MeshError::Unhealthy(self.shared.service.clone()));
+        }
+        let me = self.shared.service.clone();
+        self.forward(&me, None, request).await
+    }
+
+    /// The request, re-addressed to the app.
+    async fn forward(
+        &self,
+        authority: &str,
+        caller: Option<&str>,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, MeshError> {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = Uri::builder()
@@ -178,7 +199,7 @@ impl Inbound {
             parts.headers.insert(http::header::HOST, host);
         }
         parts.headers.remove(CALLER_HEADER);
-        if let Ok(value) = HeaderValue::from_str(caller) {
+        if let Some(value) = caller.and_then(|c| HeaderValue::from_str(c).ok()) {
             parts.headers.insert(CALLER_HEADER, value);
         }
         let response = self

@@ -141,9 +141,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let events = events::Events::start(
         shared.clone(),
         outbound.clone(),
+        inbound.clone(),
         &config.data_dir,
         config.event_limits.clone(),
-    )?;
+        config.nats.as_ref(),
+    )
+    .await?;
     let _ = shared.events.set(events.clone());
     let outbound_task = tokio::spawn(http_server::serve(
         outbound_listener,

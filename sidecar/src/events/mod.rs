@@ -21,15 +21,10 @@
 //!    point restarts from the rows on disk: nothing acknowledged is lost, and a delivery may
 //!    be made twice (same `ce-id`), which subscribers de-duplicate.
 //!
-//! Not built yet, the scale-out backend (`--events-backend nats`), planned as: one JetStream
-//! stream `SINEW_EVENTS` on `sinew.events.>` (publish = a JetStream publish with
-//! `Nats-Msg-Id` = the event id, 202 on the PubAck); per subscription a durable pull consumer
-//! created by the subscribing service's sidecars, which pull and deliver to their own app with
-//! the rules above, ack after 2xx, nak with the backoff, and term + copy to `SINEW_DEAD` when
-//! refused or `max_deliver` is reached. Per-key order needs one puller per key at a time:
-//! keys hashed onto partition subjects, each partition's consumer pinned to one instance.
+//! The scale-out backend (`--events-backend nats`) keeps the events in NATS JetStream
+//! instead, with the same API, delivery rules, per-key order and dead letters: see [`nats`].
 //!
-//! Dead letters stay in the sidecar that published the event. The control plane asks every
+//! Dead letters (embedded backend) stay in the sidecar that published the event. The control plane asks every
 //! connected sidecar over its control stream (`EventsRequest`/`EventsReply`) when
 //! `sinewctl events` runs; the sidecar's admin port shows its own at `GET /events`. They
 //! count against the outbox bound, so a subscriber that refuses everything ends in 503
@@ -37,9 +32,11 @@
 
 pub mod api;
 pub mod dispatch;
+pub mod nats;
 pub mod outbox;
 pub mod wire;
 
+use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::state::Shared;
 use crate::transport::Transport;
@@ -76,40 +73,77 @@ impl Default for Limits {
     }
 }
 
+/// Where the events are kept.
+pub enum Backend {
+    /// This sidecar's redb outbox, delivered by its dispatcher.
+    Embedded(Arc<Outbox>),
+    /// NATS JetStream, shared by the mesh.
+    Nats(Arc<nats::NatsEvents>),
+}
+
 pub struct Events {
-    pub outbox: Arc<Outbox>,
+    pub backend: Backend,
     limits: Limits,
     shared: Arc<Shared>,
     origin: wire::Origin,
 }
 
 impl Events {
-    /// Opens the outbox in `data_dir` and starts delivering what it holds.
-    pub fn start<T: Transport>(
+    /// Opens the outbox in `data_dir` and starts delivering what it holds, or, with `nats`
+    /// set, connects to NATS JetStream and pulls this service's subscriptions.
+    pub async fn start<T: Transport>(
         shared: Arc<Shared>,
         outbound: Arc<Outbound<T>>,
+        inbound: Arc<Inbound>,
         data_dir: &Path,
         limits: Limits,
+        nats: Option<&nats::NatsConfig>,
     ) -> anyhow::Result<Arc<Events>> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (outbox, recovered) = Outbox::open(&data_dir.join("outbox.redb"), tx)?;
-        let outbox = Arc::new(outbox);
-        tokio::spawn(dispatch::Dispatcher::run(
-            shared.clone(),
-            outbound,
-            outbox.clone(),
-            recovered,
-            rx,
-        ));
+        let backend = match nats {
+            Some(config) => Backend::Nats(
+                nats::NatsEvents::start(shared.clone(), inbound, config, limits.clone()).await?,
+            ),
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let (outbox, recovered) = Outbox::open(&data_dir.join("outbox.redb"), tx)?;
+                let outbox = Arc::new(outbox);
+                tokio::spawn(dispatch::Dispatcher::run(
+                    shared.clone(),
+                    outbound,
+                    outbox.clone(),
+                    recovered,
+                    rx,
+                ));
+                Backend::Embedded(outbox)
+            }
+        };
         let origin = wire::Origin {
             source: format!("/svc/{}", shared.service),
         };
         Ok(Arc::new(Events {
-            outbox,
+            backend,
             limits,
             shared,
             origin,
         }))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Embedded(_) => "embedded",
+            Backend::Nats(_) => "nats",
+        }
+    }
+
+    /// Pending events and their bytes (the NATS figures are at most 2 s old).
+    pub fn depth(&self) -> (u64, u64) {
+        match &self.backend {
+            Backend::Embedded(outbox) => (
+                outbox.events.load(std::sync::atomic::Ordering::Relaxed),
+                outbox.bytes.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            Backend::Nats(nats) => nats.depth(),
+        }
     }
 
     /// Answers the control plane's question about this sidecar's dead letters.
@@ -123,16 +157,38 @@ impl Events {
             id: request.id,
             ..EventsReply::default()
         };
+        let limit = if request.limit == 0 {
+            1000
+        } else {
+            request.limit as usize
+        };
         let op = events_request::Op::try_from(request.op).unwrap_or(events_request::Op::List);
+        let outbox = match &self.backend {
+            Backend::Embedded(outbox) => outbox.clone(),
+            Backend::Nats(nats) => {
+                reply.store = nats.store();
+                let result = match op {
+                    events_request::Op::List => {
+                        nats.dead_letters(&filter, limit)
+                            .await
+                            .map(|(matched, entries)| {
+                                reply.dead_letters = entries;
+                                matched
+                            })
+                    }
+                    events_request::Op::Replay => nats.admin(true, &filter).await,
+                    events_request::Op::Purge => nats.admin(false, &filter).await,
+                };
+                match result {
+                    Ok(matched) => reply.matched = matched,
+                    Err(e) => reply.error = e,
+                }
+                return reply;
+            }
+        };
         match op {
             events_request::Op::List => {
-                let limit = if request.limit == 0 {
-                    1000
-                } else {
-                    request.limit as usize
-                };
                 // A scan of the whole table: off the async workers.
-                let outbox = self.outbox.clone();
                 let listed =
                     tokio::task::spawn_blocking(move || outbox.dead_letters(&filter, limit)).await;
                 match listed
@@ -148,7 +204,7 @@ impl Events {
             }
             events_request::Op::Replay | events_request::Op::Purge => {
                 let replay = op == events_request::Op::Replay;
-                match self.outbox.admin(replay, filter).await {
+                match outbox.admin(replay, filter).await {
                     Ok(n) => reply.matched = n,
                     Err(e) => reply.error = e,
                 }

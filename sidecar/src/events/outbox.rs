@@ -60,7 +60,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, record: &DeadLetterRecord) -> bool {
+    pub(crate) fn matches(&self, record: &DeadLetterRecord) -> bool {
         let event = record.event.as_ref();
         (self.topic.is_empty() || event.is_some_and(|e| e.topic == self.topic))
             && (self.service.is_empty() || record.service == self.service)
@@ -330,7 +330,7 @@ impl Outbox {
     }
 }
 
-fn summary(subscription: &str, record: &DeadLetterRecord) -> DeadLetter {
+pub(crate) fn summary(subscription: &str, record: &DeadLetterRecord) -> DeadLetter {
     let event = record.event.clone().unwrap_or_default();
     DeadLetter {
         event_id: event.id,
