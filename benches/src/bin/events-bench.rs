@@ -1,7 +1,10 @@
-//! Events, embedded backend: durable publish throughput (single events and batches of 100)
-//! and publish→deliver latency at a fixed rate with two subscribing services.
+//! Events, both backends (embedded outbox, NATS JetStream): durable publish throughput
+//! (single events and batches of 100) and publish→deliver latency at a fixed rate with two
+//! subscribing services.
 //!
-//!     cargo build --release --workspace && target/release/events-bench [SECONDS]
+//!     cargo build --release --workspace && target/release/events-bench [SECONDS] [--backend embedded|nats|both]
+//!
+//! NATS: a `nats-server` from PATH is started for the run (or `SINEW_TEST_NATS_URL` is used).
 //!
 //! Starts a real control plane, the publisher's sidecar (in front of the test app) and one
 //! sidecar for each subscriber; the subscriber apps run in this process and record, for each
@@ -14,7 +17,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sinew_e2e::{HttpClient, Mesh, http_client, metric, wait_endpoints, wait_ready, wait_until};
+use sinew_e2e::{
+    HttpClient, Mesh, Nats, http_client, metric, wait_endpoints, wait_ready, wait_until,
+};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -151,12 +156,37 @@ async fn drained(client: &HttpClient, admin: SocketAddr) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let secs: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(5);
-    let mesh = Mesh::start("bench-events");
+    let mut secs = 5u64;
+    let mut backends = vec!["embedded", "nats"];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--backend" => {
+                backends = match args.next().as_deref() {
+                    Some("embedded") => vec!["embedded"],
+                    Some("nats") => vec!["nats"],
+                    Some("both") => vec!["embedded", "nats"],
+                    other => anyhow::bail!("--backend embedded|nats|both, not {other:?}"),
+                }
+            }
+            n => secs = n.parse()?,
+        }
+    }
+    let mut tables = Vec::new();
+    for backend in backends {
+        tables.push(run(backend, secs).await?);
+    }
+    for table in tables {
+        println!("{table}");
+    }
+    Ok(())
+}
+
+async fn run(backend: &str, secs: u64) -> anyhow::Result<String> {
+    let mesh = Mesh::start(&format!("bench-events-{backend}"));
+    let nats = (backend == "nats").then(|| Nats::start("bench-events", mesh.dir()));
+    let flags = nats.as_ref().map(Nats::sidecar_flags).unwrap_or_default();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let client = http_client();
     let out = mesh.apply(
         "kind: Subscription\nname: a-bench\nspec: {topic: bench, service: sub-a, delivery: {max_in_flight: 64}}\n---\n\
@@ -167,10 +197,10 @@ async fn main() -> anyhow::Result<()> {
     let lat_b = Arc::new(Mutex::new(Vec::new()));
     let app_a = subscriber(lat_a.clone()).await?;
     let app_b = subscriber(lat_b.clone()).await?;
-    let sa = mesh.sidecar("sub-a-1", "sub-a", app_a, &[]);
-    let sb = mesh.sidecar("sub-b-1", "sub-b", app_b, &[]);
+    let sa = mesh.sidecar("sub-a-1", "sub-a", app_a, &flags);
+    let sb = mesh.sidecar("sub-b-1", "sub-b", app_b, &flags);
     let app = mesh.app("pub-1");
-    let publisher = mesh.sidecar("pub-1", "pub", app.addr("http"), &[]);
+    let publisher = mesh.sidecar("pub-1", "pub", app.addr("http"), &flags);
     for s in [&sa, &sb, &publisher] {
         wait_ready(&client, s).await;
     }
@@ -211,29 +241,37 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(t.await??, "the outbox filled up at {rate}/s");
     }
     drained(&client, admin).await;
-    println!("events, embedded backend: publisher sidecar + 2 subscriber sidecars, one machine");
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    writeln!(
+        t,
+        "events, {backend} backend: publisher sidecar + 2 subscriber sidecars, one machine"
+    )?;
+    writeln!(t, "| measure | value |")?;
+    writeln!(t, "|---|---|")?;
+    writeln!(
+        t,
         "| durable publishes/s, single events, 16 concurrent publishers | {:.0} ({} refused as outbox-full) |",
         single.0 as f64 / secs as f64,
         single.1
-    );
-    println!(
+    )?;
+    writeln!(
+        t,
         "| durable publishes/s, batches of 100, 4 concurrent publishers | {:.0} ({} batches refused as outbox-full) |",
         batched.0 as f64 / secs as f64,
         batched.1
-    );
+    )?;
     for (name, l) in [("sub-a", &lat_a), ("sub-b", &lat_b)] {
         let mut v = l.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
         v.sort_unstable();
-        println!(
+        writeln!(
+            t,
             "| publish→deliver at {rate}/s to {name} ({} events): p50 / p99 / max | {} µs / {} µs / {} µs |",
             v.len(),
             percentile(&v, 50.0),
             percentile(&v, 99.0),
             v.last().copied().unwrap_or(0)
-        );
+        )?;
     }
-    Ok(())
+    Ok(t)
 }

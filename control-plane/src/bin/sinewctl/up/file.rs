@@ -8,6 +8,10 @@
 //!   kind: Service
 //!   name: orders
 //!   spec: {timeout: 2s, allow: [web]}
+//! events:                       # optional; where the sidecars keep events
+//!   backend: embedded           # default: each sidecar's own outbox. `nats`: NATS JetStream,
+//!   url: nats://127.0.0.1:4222  #   at `url` (a running nats-server with -js), streams and
+//!   prefix: sinew               #   subjects named by `prefix`
 //! services:                     # at least one
 //!   - name: orders              # a service name (a-z, 0-9, '-')
 //!     instances: 2              # optional, default 1 (at most 32)
@@ -46,7 +50,70 @@ pub struct UpFile {
     pub control: ControlSection,
     #[serde(default)]
     pub policy: Option<String>,
+    #[serde(default)]
+    pub events: EventsSection,
     pub services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsBackend {
+    #[default]
+    Embedded,
+    Nats,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    pub backend: EventsBackend,
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+}
+
+impl EventsSection {
+    /// The flags every sidecar gets.
+    pub fn flags(&self) -> Vec<String> {
+        match self.backend {
+            EventsBackend::Embedded => Vec::new(),
+            EventsBackend::Nats => {
+                let mut flags = vec!["--events-backend".to_string(), "nats".to_string()];
+                if let Some(url) = &self.url {
+                    flags.extend(["--nats-url".to_string(), url.clone()]);
+                }
+                if let Some(prefix) = &self.prefix {
+                    flags.extend(["--nats-prefix".to_string(), prefix.clone()]);
+                }
+                flags
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.backend == EventsBackend::Embedded && (self.url.is_some() || self.prefix.is_some())
+        {
+            return Err("events: `url` and `prefix` go with `backend: nats`".into());
+        }
+        if let Some(url) = &self.url
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err(format!(
+                "events.url: `{url}` is not a nats:// or tls:// URL"
+            ));
+        }
+        if let Some(prefix) = &self.prefix
+            && (prefix.is_empty()
+                || prefix.len() > 64
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(format!(
+                "events.prefix: `{prefix}`: 1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -147,6 +214,7 @@ impl UpFile {
         if let Some(text) = &self.policy {
             policy::parse_documents(text).map_err(|e| format!("policy: {e}"))?;
         }
+        self.events.validate()?;
         let mut fixed: Vec<(SocketAddr, String)> = vec![
             (self.control.grpc, "control.grpc".into()),
             (self.control.http, "control.http".into()),
@@ -301,6 +369,37 @@ mod tests {
 
     fn error(text: &str) -> String {
         UpFile::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn the_events_backend_becomes_sidecar_flags() {
+        let file = UpFile::parse("services: [{name: a, command: [x]}]").unwrap();
+        assert!(file.events.flags().is_empty());
+        let file = UpFile::parse(
+            "events: {backend: nats, url: 'nats://127.0.0.1:4333', prefix: demo}\nservices: [{name: a, command: [x]}]",
+        )
+        .unwrap();
+        assert_eq!(
+            file.events.flags(),
+            [
+                "--events-backend",
+                "nats",
+                "--nats-url",
+                "nats://127.0.0.1:4333",
+                "--nats-prefix",
+                "demo"
+            ]
+        );
+        let e = error("events: {backend: kafka}\nservices: [{name: a, command: [x]}]");
+        assert!(e.contains("events") && e.contains("kafka"), "{e}");
+        let e = error("events: {url: 'nats://x:1'}\nservices: [{name: a, command: [x]}]");
+        assert!(e.contains("backend: nats"), "{e}");
+        let e =
+            error("events: {backend: nats, url: 'http://x'}\nservices: [{name: a, command: [x]}]");
+        assert!(e.contains("events.url"), "{e}");
+        let e =
+            error("events: {backend: nats, prefix: 'a.b'}\nservices: [{name: a, command: [x]}]");
+        assert!(e.contains("events.prefix"), "{e}");
     }
 
     #[test]

@@ -243,6 +243,7 @@ async fn start(
                 cmd.arg("--app-protocol").arg(protocol.as_flag());
             }
             cmd.args(service.health_flags());
+            cmd.args(plan.file.events.flags());
             let name = format!("sidecar {node}");
             let (pid, pairs) = start_reporting(plan, children, &name, cmd).await?;
             let [outbound, inbound, admin] = ["outbound", "inbound", "admin"]
