@@ -96,7 +96,7 @@ pub async fn handle<B>(
                     })
                 })
                 .collect();
-            let (pending, bytes) = events.depth();
+            let (pending, bytes) = events.depth().await;
             json_response(&serde_json::json!({
                 "backend": events.backend_name(),
                 "outbox_events": pending,

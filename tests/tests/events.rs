@@ -99,15 +99,19 @@ impl EventMesh {
             .sidecar(node, service, app.addr("http"), &strs(&self.flags))
     }
 
-    /// Events the backend holds undelivered, as the publisher's sidecar reports them (for
-    /// NATS: the stream's depth, refreshed every 2 s).
+    /// Events the backend holds undelivered, as the publisher's sidecar reports them on
+    /// `/events` (embedded: its outbox; NATS: the shared stream, asked at once).
     async fn pending(&self) -> f64 {
-        metric(
+        let answer = get(
             &self.client,
             self.publisher.addr("admin"),
-            "sinew_outbox_events",
+            "localhost",
+            "/events",
         )
         .await
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        v["outbox_events"].as_f64().unwrap()
     }
 
     async fn wait_pending(&self, what: &str, check: impl Fn(f64) -> bool) {
@@ -117,26 +121,20 @@ impl EventMesh {
         .await;
     }
 
-    /// Retried deliveries, summed over every sidecar (the publisher's delivers embedded
+    /// A delivery counter summed over every sidecar (the publisher's delivers embedded
     /// events; the subscribers' deliver NATS events).
-    async fn retried(&self) -> f64 {
-        let mut sum = metric(
-            &self.client,
-            self.publisher.addr("admin"),
-            "sinew_events_retried_total",
-        )
-        .await;
+    async fn deliveries(&self, counter: &str) -> f64 {
+        let mut sum = metric(&self.client, self.publisher.addr("admin"), counter).await;
         for instances in self.subscribers.values() {
             for (_, sidecar) in instances {
-                sum += metric(
-                    &self.client,
-                    sidecar.addr("admin"),
-                    "sinew_events_retried_total",
-                )
-                .await;
+                sum += metric(&self.client, sidecar.addr("admin"), counter).await;
             }
         }
         sum
+    }
+
+    async fn retried(&self) -> f64 {
+        self.deliveries("sinew_events_retried_total").await
     }
 
     fn apps(&self, service: &str) -> impl Iterator<Item = &Proc> {
@@ -462,6 +460,31 @@ async fn dead_letters_are_listed_replayed_and_purged(backend: Backend) {
     // Replay needs a filter or --all.
     let out = m.mesh.sinewctl(&["events", "replay"]);
     assert!(!out.status.success());
+    // Replayed while billing still refuses: each is dead-lettered once more (not lost, not
+    // replayed twice by the same request) and listed again.
+    assert_eq!(m.deliveries("sinew_events_dead_lettered_total").await, 10.0);
+    let out = m
+        .mesh
+        .sinewctl(&["events", "replay", "--service", "billing"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("5 dead letters replayed"),
+        "{out:?}"
+    );
+    wait_until(
+        "billing's 5 dead again",
+        Duration::from_secs(20),
+        || async { m.deliveries("sinew_events_dead_lettered_total").await == 15.0 },
+    )
+    .await;
+    wait_until(
+        "10 dead letters listed",
+        Duration::from_secs(10),
+        || async {
+            let out = m.mesh.sinewctl(&["events", "dead-letters"]);
+            String::from_utf8_lossy(&out.stdout).lines().count() == 11
+        },
+    )
+    .await;
     m.answer_with("billing", 200).await;
     m.answer_with("email", 200).await;
     let out = m

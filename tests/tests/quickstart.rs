@@ -16,10 +16,44 @@ fn signal(pid: u32, signal: i32) {
     }
 }
 
+/// The quick start binds fixed ports: one run at a time.
+static FIXED_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_comes_up_serves_and_leaves_nothing_behind() {
-    let scratch = Scratch::new("quickstart");
-    let file = workspace_root().join("examples/quickstart.yaml");
+    quickstart(false).await;
+}
+
+/// The same quick start with `events: {backend: nats}` added to the file: the events go
+/// through a real NATS JetStream server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_with_events_through_nats() {
+    quickstart(true).await;
+}
+
+async fn quickstart(through_nats: bool) {
+    let _one_at_a_time = FIXED_PORTS.lock().await;
+    let scratch = Scratch::new(if through_nats {
+        "quickstart-nats"
+    } else {
+        "quickstart"
+    });
+    let mut file = workspace_root().join("examples/quickstart.yaml");
+    let _nats = through_nats.then(|| {
+        let nats = Nats::start("quickstart", &scratch.0);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let copy = scratch.0.join("quickstart-nats.yaml");
+        std::fs::write(
+            &copy,
+            format!(
+                "{text}\nevents: {{backend: nats, url: '{}', prefix: {}}}\n",
+                nats.url, nats.prefix
+            ),
+        )
+        .unwrap();
+        file = copy;
+        nats
+    });
     let mut up = Command::new(bin("sinewctl"));
     up.arg("up")
         .arg(&file)

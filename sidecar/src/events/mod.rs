@@ -135,14 +135,14 @@ impl Events {
         }
     }
 
-    /// Pending events and their bytes (the NATS figures are at most 2 s old).
-    pub fn depth(&self) -> (u64, u64) {
+    /// Pending events and their bytes (for NATS: the shared stream's, asked now).
+    pub async fn depth(&self) -> (u64, u64) {
         match &self.backend {
             Backend::Embedded(outbox) => (
                 outbox.events.load(std::sync::atomic::Ordering::Relaxed),
                 outbox.bytes.load(std::sync::atomic::Ordering::Relaxed),
             ),
-            Backend::Nats(nats) => nats.depth(),
+            Backend::Nats(nats) => nats.depth().await,
         }
     }
 
@@ -152,6 +152,7 @@ impl Events {
             topic: request.topic.clone(),
             service: request.service.clone(),
             event_ids: request.event_ids.clone(),
+            dead_by_unix_ms: 0,
         };
         let mut reply = EventsReply {
             id: request.id,

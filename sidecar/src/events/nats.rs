@@ -59,11 +59,15 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::dispatch::{Outcome, backoff, classify};
-use super::outbox::unix_ms;
+use super::outbox::{ADMIN_CHUNK, unix_ms};
 
 /// Keyed events are spread over this many partitions per topic. Every sidecar of a mesh must
 /// agree on it: changing it moves keys between partitions.
 pub const PARTITIONS: u32 = 16;
+
+/// How long a publisher trusts that a subscription's consumers exist before creating (or
+/// updating) them again.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// How long JetStream keeps message ids for de-duplication.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
@@ -156,8 +160,11 @@ pub struct NatsEvents {
     shared: Arc<Shared>,
     /// Both streams exist (checked once per connection life; re-checked after a failure).
     streams_ready: AtomicBool,
-    /// Subscription name → the spec (as JSON) its consumers were last created with.
-    ensured: Mutex<HashMap<String, String>>,
+    /// Subscription name → the spec (as JSON) its consumers were last created with, and
+    /// when. Entries go stale after [`RECHECK`]: with interest retention a publish that no
+    /// consumer wants is acknowledged and dropped, so a consumer deleted behind our back
+    /// (by an operator, or a server that lost its state) must be noticed quickly.
+    ensured: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// From the last stream info: messages, bytes (for `/events` and the gauges).
     depth: AtomicU64,
     bytes: AtomicU64,
@@ -203,7 +210,15 @@ impl NatsEvents {
         format!("nats:{}", self.dead_stream)
     }
 
-    pub fn depth(&self) -> (u64, u64) {
+    /// Messages and bytes in the events stream, read from the server now (the last known
+    /// figures if it does not answer).
+    pub async fn depth(&self) -> (u64, u64) {
+        if let Ok(stream) = self.js.get_stream_no_info(&self.events_stream).await
+            && let Ok(info) = stream.get_info().await
+        {
+            self.depth.store(info.state.messages, Ordering::Relaxed);
+            self.bytes.store(info.state.bytes, Ordering::Relaxed);
+        }
         (
             self.depth.load(Ordering::Relaxed),
             self.bytes.load(Ordering::Relaxed),
@@ -269,12 +284,11 @@ impl NatsEvents {
     /// Creates or updates the consumers of `subscription` unless they already match its spec.
     async fn ensure_consumers(&self, subscription: &Subscription) -> Result<(), String> {
         let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
-        if self
-            .ensured
-            .lock()
-            .map(|e| e.get(&subscription.name) == Some(&fingerprint))
-            .unwrap_or(false)
-        {
+        let fresh = self.ensured.lock().is_ok_and(|e| {
+            e.get(&subscription.name)
+                .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < RECHECK)
+        });
+        if fresh {
             return Ok(());
         }
         self.ensure_streams().await?;
@@ -319,7 +333,10 @@ impl NatsEvents {
                 .map_err(|e| format!("consumer {name}: {e}"))?;
         }
         if let Ok(mut ensured) = self.ensured.lock() {
-            ensured.insert(subscription.name.clone(), fingerprint);
+            ensured.insert(
+                subscription.name.clone(),
+                (fingerprint, std::time::Instant::now()),
+            );
         }
         Ok(())
     }
@@ -340,25 +357,39 @@ impl NatsEvents {
         }
         .await;
         if let Err(e) = ready {
-            self.streams_ready.store(false, Ordering::Release);
+            self.forget_all();
             let failure = PublishFailure::Unavailable(format!("NATS JetStream: {e}"));
             return events.iter().map(|_| Err(failure.clone())).collect();
         }
         let mut acks = Vec::with_capacity(events.len());
         for event in &events {
             let subject = self.event_subject(topic, Part::of(&event.key));
+            // CloudEvents ids are unique per source; different topics may reuse them too.
             let message = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(event.encode_to_vec()))
-                .message_id(&event.id);
+                .message_id(format!("{topic}|{}|{}", event.source, event.id));
             acks.push(self.js.send_publish(subject, message).await);
         }
         let mut results = Vec::with_capacity(acks.len());
         for ack in acks {
             let result = match ack {
-                Ok(future) => future.await.map(|_| ()),
+                Ok(future) => future.await,
                 Err(e) => Err(e),
             };
-            results.push(result.map_err(publish_failure));
+            results.push(match result {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        metrics::counter!("sinew_events_duplicates_total", "topic" => topic.to_string()).increment(1);
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        self.forget_all();
+                    }
+                    Err(publish_failure(e))
+                }
+            });
         }
         results
     }
@@ -468,6 +499,20 @@ impl NatsEvents {
             }
         }
         for name in stale {
+            // Read again just before: a sidecar that has the subscription (again) refreshes
+            // its consumers' version every few seconds.
+            let Ok(info) = stream.consumer_info(&name).await else {
+                continue;
+            };
+            let created_at = info
+                .config
+                .metadata
+                .get("sinew-version")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
+            if created_at >= version {
+                continue;
+            }
             // Another sidecar may have deleted it first.
             let _ = stream.delete_consumer(&name).await;
             tracing::info!(consumer = %name, "deleted the consumer of a removed subscription");
@@ -476,11 +521,17 @@ impl NatsEvents {
     }
 
     async fn publish_gauges(&self) {
-        let Ok(stream) = self.js.get_stream_no_info(&self.events_stream).await else {
-            return;
+        let info = match self.js.get_stream_no_info(&self.events_stream).await {
+            Ok(stream) => stream.get_info().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
-        let Ok(info) = stream.get_info().await else {
-            return;
+        let info = match info {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!("events stream info: {e}");
+                self.forget_all();
+                return;
+            }
         };
         let state = &info.state;
         self.depth.store(state.messages, Ordering::Relaxed);
@@ -514,7 +565,13 @@ impl NatsEvents {
         };
         let permits = Arc::new(Semaphore::new(in_flight));
         let mut failures = 0u32;
+        let mut healthy = self.shared.app_healthy.subscribe();
         loop {
+            // An unhealthy app takes nothing: the other instances do, and a keyed partition
+            // is not held by an instance that cannot deliver.
+            if healthy.wait_for(|h| *h).await.is_err() {
+                return;
+            }
             let messages = async {
                 let stream = self
                     .js
@@ -565,6 +622,10 @@ impl NatsEvents {
                         break;
                     }
                 };
+                if !self.shared.is_app_healthy() {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    break;
+                }
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
@@ -589,6 +650,14 @@ impl NatsEvents {
     fn forget(&self, subscription: &str) {
         if let Ok(mut ensured) = self.ensured.lock() {
             ensured.remove(subscription);
+        }
+    }
+
+    /// The server may have lost the streams or consumers: check everything again.
+    fn forget_all(&self) {
+        self.streams_ready.store(false, Ordering::Release);
+        if let Ok(mut ensured) = self.ensured.lock() {
+            ensured.clear();
         }
     }
 
@@ -679,11 +748,15 @@ impl NatsEvents {
         error: String,
     ) {
         let spec = &subscription.spec;
+        // Storing may take a few round trips: keep the event ours meanwhile.
+        let _ = message.ack_with(AckKind::Progress).await;
         tracing::warn!(subscription = %subscription.name, topic = %event.topic, %error, "event dead-lettered");
-        let id = format!("{}@{}", event.id, subscription.name);
+        // The stream sequence tells a replayed event's second death from a repeat of its first.
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        let id = format!("{}@{}@{sequence}", event.id, subscription.name);
         let dead_letter_topic = spec.delivery.dead_letter_topic.clone();
         let copy = dead_letter_topic.as_ref().map(|_| event.clone());
-        let record = DeadLetterRecord {
+        let mut record = DeadLetterRecord {
             event: Some(event),
             subscription: subscription.name.clone(),
             service: spec.service.clone(),
@@ -691,13 +764,23 @@ impl NatsEvents {
             last_error: error,
             dead_unix_ms: unix_ms(),
         };
-        let stored = self
-            .publish_one(
-                self.dead_subject(&subscription.name),
-                Bytes::from(record.encode_to_vec()),
-                &id,
-            )
+        let subject = self.dead_subject(&subscription.name);
+        let mut stored = self
+            .publish_one(subject.clone(), Bytes::from(record.encode_to_vec()), &id)
             .await;
+        if let Err(PublishFailure::TooLarge(e)) = &stored {
+            // Keep the record without its data rather than retrying forever.
+            record.last_error = format!(
+                "{} (data dropped from the dead letter: {e})",
+                record.last_error
+            );
+            if let Some(event) = record.event.as_mut() {
+                event.data.clear();
+            }
+            stored = self
+                .publish_one(subject, Bytes::from(record.encode_to_vec()), &id)
+                .await;
+        }
         if let Err(e) = stored {
             tracing::warn!(subscription = %subscription.name, "storing a dead letter: {e}; retrying later");
             let delay = backoff(
@@ -721,26 +804,37 @@ impl NatsEvents {
         let _ = message.ack().await;
     }
 
-    async fn publish_one(&self, subject: String, payload: Bytes, id: &str) -> Result<(), String> {
+    async fn publish_one(
+        &self,
+        subject: String,
+        payload: Bytes,
+        id: &str,
+    ) -> Result<(), PublishFailure> {
         let message = jetstream::message::PublishMessage::build()
             .payload(payload)
             .message_id(id);
-        self.js
-            .send_publish(subject, message)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let result = match self.js.send_publish(subject, message).await {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| {
+            if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                self.forget_all();
+            }
+            publish_failure(e)
+        })
     }
 
-    /// Dead letters matching `filter`, oldest first: how many match, and up to `limit` of them
-    /// with their sequence numbers in the dead-letter stream.
+    /// Dead letters matching `filter`, oldest first, from stream sequence `from` on: how many
+    /// were seen, up to `limit` of them with their sequence numbers, and where to go on
+    /// (`None`: the end of the stream). `count_all` goes on counting past `limit`.
     async fn scan(
         &self,
         filter: &Filter,
+        from: u64,
         limit: usize,
-    ) -> Result<(u64, Vec<(u64, DeadLetterRecord)>), String> {
+        count_all: bool,
+    ) -> Result<(u64, Vec<(u64, DeadLetterRecord)>, Option<u64>), String> {
         self.ensure_streams().await?;
         let stream = self
             .js
@@ -750,7 +844,7 @@ impl NatsEvents {
         let subject = format!("{}.dead.>", self.prefix);
         let mut matched = 0u64;
         let mut out = Vec::new();
-        let mut next = 1u64;
+        let mut next = from.max(1);
         loop {
             let found = stream
                 .raw_message_builder()
@@ -760,9 +854,14 @@ impl NatsEvents {
                 .await;
             let message = match found {
                 Ok(message) => message,
-                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                    return Ok((matched, out, None));
+                }
                 Err(e) => return Err(e.to_string()),
             };
+            if out.len() == limit && !count_all {
+                return Ok((matched, out, Some(message.sequence)));
+            }
             next = message.sequence + 1;
             let Ok(record) = DeadLetterRecord::decode(message.payload) else {
                 continue;
@@ -774,7 +873,6 @@ impl NatsEvents {
                 }
             }
         }
-        Ok((matched, out))
     }
 
     /// LIST: the dead letters as the control plane shows them.
@@ -783,7 +881,7 @@ impl NatsEvents {
         filter: &Filter,
         limit: usize,
     ) -> Result<(u64, Vec<DeadLetter>), String> {
-        let (matched, records) = self.scan(filter, limit).await?;
+        let (matched, records, _) = self.scan(filter, 1, limit, true).await?;
         Ok((
             matched,
             records
@@ -794,9 +892,10 @@ impl NatsEvents {
     }
 
     /// REPLAY (send again to the subscription that dead-lettered them, attempts from zero)
-    /// or PURGE: how many this sidecar settled.
+    /// or PURGE, [`ADMIN_CHUNK`] at a time: how many this sidecar settled.
     pub async fn admin(&self, replay: bool, filter: &Filter) -> Result<u64, String> {
-        let (_, records) = self.scan(filter, usize::MAX).await?;
+        let mut filter = filter.clone();
+        filter.dead_by_unix_ms = unix_ms();
         let stream = self
             .js
             .get_stream_no_info(&self.dead_stream)
@@ -804,27 +903,39 @@ impl NatsEvents {
             .map_err(|e| e.to_string())?;
         let snapshot = self.shared.snapshot.load_full();
         let mut settled = 0u64;
-        for (seq, record) in records {
-            if replay {
-                let Some(subscription) = snapshot.subscriptions.get(&record.subscription) else {
-                    // Its subscription is gone: nothing would receive it.
-                    continue;
-                };
-                let Some(event) = record.event.as_ref() else {
-                    continue;
-                };
-                self.ensure_consumers(subscription).await?;
-                let subject = self.replay_subject(&record.subscription, Part::of(&event.key));
-                let id = format!("{}@{}@replay-{seq}", event.id, record.subscription);
-                self.publish_one(subject, Bytes::from(event.encode_to_vec()), &id)
-                    .await?;
+        let mut from = 1;
+        loop {
+            let (_, records, next) = self.scan(&filter, from, ADMIN_CHUNK, false).await?;
+            for (seq, record) in records {
+                if replay {
+                    let Some(subscription) = snapshot.subscriptions.get(&record.subscription)
+                    else {
+                        // Its subscription is gone: nothing would receive it.
+                        continue;
+                    };
+                    let Some(event) = record.event.as_ref() else {
+                        continue;
+                    };
+                    // Made sure of just now: a replay into a missing consumer would be dropped,
+                    // and the dead letter with it.
+                    self.forget(&record.subscription);
+                    self.ensure_consumers(subscription).await?;
+                    let subject = self.replay_subject(&record.subscription, Part::of(&event.key));
+                    let id = format!("{}@{}@replay-{seq}", event.id, record.subscription);
+                    self.publish_one(subject, Bytes::from(event.encode_to_vec()), &id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                // Exactly one of the sidecars answering the same request deletes it.
+                if let Ok(true) = stream.delete_message(seq).await {
+                    settled += 1;
+                }
             }
-            // Exactly one of the sidecars answering the same request deletes it.
-            if let Ok(true) = stream.delete_message(seq).await {
-                settled += 1;
+            match next {
+                Some(next) => from = next,
+                None => return Ok(settled),
             }
         }
-        Ok(settled)
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Filter {
     pub topic: String,
     pub service: String,
     pub event_ids: Vec<String>,
+    /// Dead no later than this (0: any time).
+    pub dead_by_unix_ms: i64,
 }
 
 impl Filter {
@@ -65,6 +67,7 @@ impl Filter {
         (self.topic.is_empty() || event.is_some_and(|e| e.topic == self.topic))
             && (self.service.is_empty() || record.service == self.service)
             && (self.event_ids.is_empty() || event.is_some_and(|e| self.event_ids.contains(&e.id)))
+            && (self.dead_by_unix_ms == 0 || record.dead_unix_ms <= self.dead_by_unix_ms)
     }
 }
 
@@ -101,16 +104,29 @@ pub enum Op {
     },
     /// Delivery bookkeeping: nobody waits for it.
     Note(Note),
-    /// Dead letters matching the filter become pending deliveries again.
+    /// Dead letters matching the filter become pending deliveries again: at most
+    /// [`ADMIN_CHUNK`] from `from` on, in one transaction.
     Replay {
         filter: Filter,
-        reply: oneshot::Sender<Result<u64, String>>,
+        from: Option<DeadKey>,
+        reply: AdminReply,
     },
     Purge {
         filter: Filter,
-        reply: oneshot::Sender<Result<u64, String>>,
+        from: Option<DeadKey>,
+        reply: AdminReply,
     },
 }
+
+/// A dead letter's key: (subscription, event sequence number).
+pub type DeadKey = (String, u64);
+
+/// How many dead letters were settled, and where the next chunk starts (`None`: done).
+type AdminReply = oneshot::Sender<Result<(u64, Option<DeadKey>), String>>;
+
+/// Dead letters one replay or purge transaction settles; a larger request is several
+/// transactions, so publishes are not held up and memory stays bounded.
+pub const ADMIN_CHUNK: usize = 500;
 
 /// The extension attribute a dead-lettered event carries when it is republished to a
 /// dead-letter topic (its value: the subscription that gave it up).
@@ -280,18 +296,41 @@ impl Outbox {
     }
 
     /// Replays or purges dead letters; returns how many.
-    pub async fn admin(&self, replay: bool, filter: Filter) -> Result<u64, String> {
-        let (reply, answer) = oneshot::channel();
-        let op = if replay {
-            Op::Replay { filter, reply }
-        } else {
-            Op::Purge { filter, reply }
-        };
-        self.ops
-            .send(op)
-            .await
-            .map_err(|_| OutboxError::Stopped.to_string())?;
-        answer.await.map_err(|_| OutboxError::Stopped.to_string())?
+    pub async fn admin(&self, replay: bool, mut filter: Filter) -> Result<u64, String> {
+        // Only what was dead when asked: a replayed event refused again at once comes back
+        // under a later time and is not replayed twice by this request.
+        filter.dead_by_unix_ms = unix_ms();
+        let mut settled = 0;
+        let mut from = None;
+        loop {
+            let (reply, answer) = oneshot::channel();
+            let filter = filter.clone();
+            let op = if replay {
+                Op::Replay {
+                    filter,
+                    from,
+                    reply,
+                }
+            } else {
+                Op::Purge {
+                    filter,
+                    from,
+                    reply,
+                }
+            };
+            self.ops
+                .send(op)
+                .await
+                .map_err(|_| OutboxError::Stopped.to_string())?;
+            let (n, next) = answer
+                .await
+                .map_err(|_| OutboxError::Stopped.to_string())??;
+            settled += n;
+            match next {
+                Some(next) => from = Some(next),
+                None => return Ok(settled),
+            }
+        }
     }
 
     /// The stored event `seq`, if it is still there.
@@ -376,7 +415,7 @@ struct Writer {
 struct Effects {
     pending: Vec<Pending>,
     publish_replies: Vec<oneshot::Sender<Result<(), String>>>,
-    admin_replies: Vec<(oneshot::Sender<Result<u64, String>>, u64)>,
+    admin_replies: Vec<(AdminReply, (u64, Option<DeadKey>))>,
 }
 
 impl Writer {
@@ -474,8 +513,8 @@ impl Writer {
                     for reply in effects.publish_replies {
                         let _ = reply.send(Ok(()));
                     }
-                    for (reply, n) in effects.admin_replies {
-                        let _ = reply.send(Ok(n));
+                    for (reply, answer) in effects.admin_replies {
+                        let _ = reply.send(Ok(answer));
                     }
                     if !effects.pending.is_empty() {
                         let _ = self.dispatch.send(effects.pending);
@@ -639,8 +678,12 @@ impl Writer {
                             self.store(&mut tables, new, effects)?;
                         }
                     }
-                    Op::Replay { filter, reply } => {
-                        let matching = matching(tables.dead, &filter)?;
+                    Op::Replay {
+                        filter,
+                        from,
+                        reply,
+                    } => {
+                        let (matching, next) = matching(tables.dead, &filter, from)?;
                         let n = matching.len() as u64;
                         for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
@@ -657,16 +700,20 @@ impl Writer {
                             };
                             self.store(&mut tables, new, effects)?;
                         }
-                        effects.admin_replies.push((reply, n));
+                        effects.admin_replies.push((reply, (n, next)));
                     }
-                    Op::Purge { filter, reply } => {
-                        let matching = matching(tables.dead, &filter)?;
+                    Op::Purge {
+                        filter,
+                        from,
+                        reply,
+                    } => {
+                        let (matching, next) = matching(tables.dead, &filter, from)?;
                         let n = matching.len() as u64;
                         for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
                             self.forget_dead(&record);
                         }
-                        effects.admin_replies.push((reply, n));
+                        effects.admin_replies.push((reply, (n, next)));
                     }
                 }
             }
@@ -768,20 +815,30 @@ struct Tables<'a, 't> {
 type Keyed = ((String, u64), DeadLetterRecord);
 
 /// The dead letters matching `filter`, by key.
+/// Up to [`ADMIN_CHUNK`] dead letters matching `filter`, from `from` on, and the key the
+/// next chunk starts at (`None`: the table was scanned to its end).
 fn matching(
     dead: &redb::Table<'_, (&'static str, u64), &'static [u8]>,
     filter: &Filter,
-) -> Result<Vec<Keyed>, OutboxError> {
+    from: Option<DeadKey>,
+) -> Result<(Vec<Keyed>, Option<DeadKey>), OutboxError> {
     let mut out = Vec::new();
-    for row in dead.iter()? {
+    let rows = match &from {
+        Some((subscription, seq)) => dead.range((subscription.as_str(), *seq)..)?,
+        None => dead.range::<(&str, u64)>(..)?,
+    };
+    for row in rows {
         let (key, value) = row?;
+        let (subscription, seq) = key.value();
+        if out.len() == ADMIN_CHUNK {
+            return Ok((out, Some((subscription.to_string(), seq))));
+        }
         let record = DeadLetterRecord::decode(value.value())?;
         if filter.matches(&record) {
-            let (subscription, seq) = key.value();
             out.push(((subscription.to_string(), seq), record));
         }
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 pub fn unix_ms() -> i64 {
