@@ -29,6 +29,8 @@ struct Open {
     _replaced: watch::Sender<()>,
     /// The stream's way to its sidecar, for questions about events.
     outbound: Outbound,
+    /// `Hello.events_store`: empty, or a store shared with other sidecars.
+    events_store: String,
 }
 
 /// The open streams by node id, so a newer stream can end the older one, and so the admin
@@ -48,7 +50,13 @@ impl Streams {
     /// Two streams of one node can race between registering and installing; sessions grow
     /// monotonically, so an older one that installs last is already replaced (its receiver's
     /// sender is gone at once) and never takes the record from the newer one.
-    pub fn install(&self, node_id: &str, session: u64, outbound: Outbound) -> watch::Receiver<()> {
+    pub fn install(
+        &self,
+        node_id: &str,
+        session: u64,
+        outbound: Outbound,
+        events_store: &str,
+    ) -> watch::Receiver<()> {
         let (tx, rx) = watch::channel(());
         let mut open = self.lock();
         if open.get(node_id).is_some_and(|o| o.session > session) {
@@ -58,6 +66,7 @@ impl Streams {
             session,
             _replaced: tx,
             outbound,
+            events_store: events_store.to_string(),
         };
         open.insert(node_id.to_string(), entry);
         rx
@@ -71,18 +80,25 @@ impl Streams {
         }
     }
 
-    /// Sends `request` to every connected sidecar and waits (at most `wait`) for their
+    /// Sends `request` to every connected sidecar with its own outbox, and to one sidecar of
+    /// each shared store (the first by node id), and waits (at most `wait`) for their
     /// answers. Returns the answers by node id, and the nodes that did not answer in time.
     pub async fn ask_all(
         &self,
         request: &EventsRequest,
         wait: Duration,
     ) -> (Vec<(String, EventsReply)>, Vec<String>) {
-        let targets: Vec<(String, Outbound)> = self
-            .lock()
-            .iter()
-            .map(|(node, o)| (node.clone(), o.outbound.clone()))
-            .collect();
+        let targets: Vec<(String, Outbound)> = {
+            let open = self.lock();
+            let mut nodes: Vec<(&String, &Open)> = open.iter().collect();
+            nodes.sort_by(|a, b| a.0.cmp(b.0));
+            let mut stores = std::collections::HashSet::new();
+            nodes
+                .into_iter()
+                .filter(|(_, o)| o.events_store.is_empty() || stores.insert(&o.events_store))
+                .map(|(node, o)| (node.clone(), o.outbound.clone()))
+                .collect()
+        };
         let mut waiting = Vec::with_capacity(targets.len());
         let mut silent = Vec::new();
         for (node, outbound) in targets {
@@ -300,8 +316,8 @@ mod tests {
     fn an_older_stream_installing_last_is_already_replaced() {
         let streams = Streams::default();
         let (tx, _rx) = mpsc::channel(1);
-        let newer = streams.install("web-1", 6, tx.clone());
-        let older = streams.install("web-1", 5, tx.clone());
+        let newer = streams.install("web-1", 6, tx.clone(), "");
+        let older = streams.install("web-1", 5, tx.clone(), "");
         assert!(
             older.has_changed().is_err(),
             "the older stream ends as replaced"
@@ -310,10 +326,42 @@ mod tests {
             newer.has_changed().is_ok(),
             "the newer stream keeps the record"
         );
-        let _newest = streams.install("web-1", 7, tx);
+        let _newest = streams.install("web-1", 7, tx, "");
         assert!(
             newer.has_changed().is_err(),
             "a newer stream replaces an older one"
         );
+    }
+
+    #[tokio::test]
+    async fn a_shared_events_store_is_asked_through_one_sidecar() {
+        let streams = Streams::default();
+        let mut receivers = Vec::new();
+        let mut watches = Vec::new();
+        for (node, store) in [
+            ("a-1", ""),
+            ("b-1", "nats:nats://n:4222#SINEW_DEAD"),
+            ("b-2", "nats:nats://n:4222#SINEW_DEAD"),
+            ("c-1", "nats:nats://other:4222#SINEW_DEAD"),
+            ("d-1", ""),
+        ] {
+            let (tx, rx) = mpsc::channel(4);
+            watches.push(streams.install(node, 1, tx, store));
+            receivers.push((node, rx));
+        }
+        let (answers, silent) = streams
+            .ask_all(&EventsRequest::default(), Duration::from_millis(10))
+            .await;
+        assert!(answers.is_empty());
+        let asked: Vec<&str> = receivers
+            .iter_mut()
+            .filter_map(|(node, rx)| rx.try_recv().is_ok().then_some(*node))
+            .collect();
+        assert_eq!(
+            asked,
+            ["a-1", "b-1", "c-1", "d-1"],
+            "b-2 shares b-1's store"
+        );
+        assert_eq!(silent.len(), 4, "{silent:?}");
     }
 }

@@ -90,7 +90,9 @@ impl SidecarApi for SidecarApiService {
         tracing::info!(node_id = %node_id, service = %service, addr = %spec.addr, "sidecar connected");
         let session = self.mesh.register(spec, hello.last_applied_version);
         let (outbound, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let replaced = self.streams.install(&node_id, session, outbound.clone());
+        let replaced =
+            self.streams
+                .install(&node_id, session, outbound.clone(), &hello.events_store);
         let task = Session {
             mesh: self.mesh.clone(),
             streams: self.streams.clone(),

@@ -25,6 +25,8 @@ pub struct Registration {
     pub service: String,
     pub instance_addr: String,
     pub zone: String,
+    /// See `Hello.events_store`.
+    pub events_store: String,
 }
 
 /// Runs until shutdown: on shutdown it reports `serving: false` (so peers stop sending at
@@ -76,6 +78,7 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
         zone: me.zone.clone(),
         labels: Default::default(),
         last_applied_version: shared.snapshot.load().version,
+        events_store: me.events_store.clone(),
     };
     send(&tx, Kind::Hello(hello)).await?;
     let outgoing = futures_util::stream::unfold(rx, |mut rx| async move {

@@ -148,6 +148,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let _ = shared.events.set(events.clone());
+    let events_store = events.store();
     let outbound_task = tokio::spawn(http_server::serve(
         outbound_listener,
         listeners_stopped,
@@ -176,6 +177,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         service: config.service.clone(),
         instance_addr: advertised(config.advertise, inbound_addr).to_string(),
         zone: config.zone.clone(),
+        events_store,
     };
     let control_task = tokio::spawn(control::run(
         shared.clone(),

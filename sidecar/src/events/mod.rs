@@ -128,6 +128,14 @@ impl Events {
         }))
     }
 
+    /// Where the dead letters live (`Hello.events_store`): empty for this sidecar's outbox.
+    pub fn store(&self) -> String {
+        match &self.backend {
+            Backend::Embedded(_) => String::new(),
+            Backend::Nats(nats) => nats.store(),
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Embedded(_) => "embedded",

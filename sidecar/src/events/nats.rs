@@ -35,11 +35,11 @@
 //! a `DeadLetterRecord` goes to the stream `<P>_DEAD` (subject `<p>.dead.S`, message id
 //! `<event id>@S`), and only then is the event acknowledged.
 //!
-//! Dead letters are shared by the mesh, so every NATS sidecar sees them all: a reply to the
-//! control plane names the store (`nats:<P>_DEAD`) and the control plane counts one reply
-//! per store. Replay republishes to `<p>.rp.S.<part>` with a message id derived from the
-//! dead letter, then deletes the dead letter; when several sidecars answer the same replay,
-//! the server's de-duplication stores the event once and exactly one delete succeeds.
+//! Dead letters are shared by the mesh: every NATS sidecar names the store in its Hello
+//! (`nats:<url>#<P>_DEAD`), and the control plane sends `sinewctl events` questions to one
+//! sidecar per store (and counts one reply per store). Replay republishes to
+//! `<p>.rp.S.<part>` (consumers re-checked first) with a message id derived from the dead
+//! letter, then deletes it, 500 at a time, touching only what was dead when asked.
 
 use super::wire;
 use super::{Limits, outbox::Filter};
@@ -153,6 +153,7 @@ impl std::fmt::Display for PublishFailure {
 /// This sidecar's side of the NATS backend.
 pub struct NatsEvents {
     js: jetstream::Context,
+    url: String,
     prefix: String,
     events_stream: String,
     dead_stream: String,
@@ -191,6 +192,7 @@ impl NatsEvents {
         let upper = config.prefix.to_ascii_uppercase().replace('-', "_");
         let me = Arc::new(NatsEvents {
             js,
+            url: config.url.clone(),
             prefix: config.prefix.clone(),
             events_stream: format!("{upper}_EVENTS"),
             dead_stream: format!("{upper}_DEAD"),
@@ -205,9 +207,10 @@ impl NatsEvents {
         Ok(me)
     }
 
-    /// `nats:<P>_DEAD`: replies with the same store are one answer (see the module doc).
+    /// `nats:<url>#<P>_DEAD`: the control plane asks one sidecar per store, and replies with
+    /// the same store are one answer (see the module doc).
     pub fn store(&self) -> String {
-        format!("nats:{}", self.dead_stream)
+        format!("nats:{}#{}", self.url, self.dead_stream)
     }
 
     /// Messages and bytes in the events stream, read from the server now (the last known
