@@ -84,13 +84,18 @@ async fn publish(
         .headers()
         .get("sinew-error")
         .is_some_and(|v| v == "outbox-full");
-    let _ = response.into_body().collect().await;
+    let text = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
     if full {
         return Ok(false);
     }
     anyhow::ensure!(
         status == http::StatusCode::ACCEPTED,
-        "publish answered {status}"
+        "publish answered {status}: {text}"
     );
     Ok(true)
 }

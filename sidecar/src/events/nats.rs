@@ -166,6 +166,8 @@ pub struct NatsEvents {
     /// consumer wants is acknowledged and dropped, so a consumer deleted behind our back
     /// (by an operator, or a server that lost its state) must be noticed quickly.
     ensured: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Consumers are created by one task at a time.
+    ensuring: tokio::sync::Mutex<()>,
     /// From the last stream info: messages, bytes (for `/events` and the gauges).
     depth: AtomicU64,
     bytes: AtomicU64,
@@ -200,6 +202,7 @@ impl NatsEvents {
             shared,
             streams_ready: AtomicBool::new(false),
             ensured: Mutex::new(HashMap::new()),
+            ensuring: tokio::sync::Mutex::new(()),
             depth: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         });
@@ -285,15 +288,57 @@ impl NatsEvents {
     }
 
     /// Creates or updates the consumers of `subscription` unless they already match its spec.
+    ///
+    /// A publisher waits for this only the first time (or after [`Self::forget`]); the
+    /// background task re-checks known subscriptions every [`RECHECK`], one at a time, so
+    /// many publishers never ask the server at once.
     async fn ensure_consumers(&self, subscription: &Subscription) -> Result<(), String> {
-        let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
-        let fresh = self.ensured.lock().is_ok_and(|e| {
-            e.get(&subscription.name)
-                .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < RECHECK)
-        });
-        if fresh {
+        if self.known(subscription, None) {
             return Ok(());
         }
+        let _one_at_a_time = self.ensuring.lock().await;
+        if self.known(subscription, None) {
+            return Ok(());
+        }
+        self.create_consumers(subscription).await
+    }
+
+    /// Whether `subscription`'s consumers were made with its current spec (within `within`).
+    fn known(&self, subscription: &Subscription, within: Option<Duration>) -> bool {
+        let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
+        self.ensured.lock().is_ok_and(|e| {
+            e.get(&subscription.name).is_some_and(|(f, at)| {
+                *f == fingerprint && within.is_none_or(|w| at.elapsed() < w)
+            })
+        })
+    }
+
+    /// Creates (or updates) the consumers of known subscriptions last checked more than
+    /// [`RECHECK`] ago.
+    async fn recheck(&self) {
+        let snapshot = self.shared.snapshot.load_full();
+        let names: Vec<String> = self
+            .ensured
+            .lock()
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            let Some(subscription) = snapshot.subscriptions.get(&name) else {
+                continue;
+            };
+            if self.known(subscription, Some(RECHECK)) {
+                continue;
+            }
+            let _one_at_a_time = self.ensuring.lock().await;
+            if let Err(e) = self.create_consumers(subscription).await {
+                tracing::warn!(subscription = %name, "events backend NATS: {e}");
+                self.forget(&name);
+            }
+        }
+    }
+
+    async fn create_consumers(&self, subscription: &Subscription) -> Result<(), String> {
+        let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
         self.ensure_streams().await?;
         let stream = self
             .js
@@ -467,6 +512,7 @@ impl NatsEvents {
                     Err(e) => tracing::warn!("events backend NATS: cleaning up consumers: {e}"),
                 }
             }
+            self.recheck().await;
             self.publish_gauges().await;
         }
         for (_, (_, tasks)) in pullers {
@@ -532,7 +578,9 @@ impl NatsEvents {
             Ok(info) => info,
             Err(e) => {
                 tracing::debug!("events stream info: {e}");
-                self.forget_all();
+                if e.contains("not found") {
+                    self.forget_all();
+                }
                 return;
             }
         };
