@@ -672,6 +672,16 @@ where
     report
 }
 
+/// The settings the tests (and `.ci/run`) give `nats-server`: events up to 1 MiB plus their
+/// attributes fit in one message. JetStream's default fsync interval (2 min) is kept: a
+/// killed server process loses nothing (the OS has the writes), which is what the tests kill.
+pub const NATS_CONFIG: &str = "max_payload: 8MB\n";
+
+/// The same, with an fsync before every acknowledgement (as the embedded outbox does), for
+/// `events-bench --backend nats-sync`.
+pub const NATS_CONFIG_SYNC_ALWAYS: &str =
+    "max_payload: 8MB\njetstream {\n  sync_interval: always\n}\n";
+
 /// A NATS server with JetStream for the events tests (`--events-backend nats`).
 ///
 /// With `SINEW_TEST_NATS_URL` set (`.ci/run` starts one server for the whole run), that
@@ -687,6 +697,12 @@ pub struct Nats {
 
 impl Nats {
     pub fn start(test: &str, dir: &Path) -> Nats {
+        Nats::start_with(test, dir, NATS_CONFIG)
+    }
+
+    /// With `settings` as the server's configuration file (ignored with
+    /// `SINEW_TEST_NATS_URL`, whose server is already configured).
+    pub fn start_with(test: &str, dir: &Path, settings: &str) -> Nats {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "t{}-{}-{}",
@@ -710,8 +726,7 @@ impl Nats {
             .port();
         let store = dir.join("nats");
         let config = dir.join("nats.conf");
-        // Events up to 1 MiB plus their attributes fit in one message.
-        std::fs::write(&config, "max_payload: 8MB\n").unwrap();
+        std::fs::write(&config, settings).unwrap();
         // The server logs to stderr; a wrapper prints the line `Proc::spawn` waits for once
         // the port answers.
         let script = format!(

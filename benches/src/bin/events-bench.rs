@@ -2,9 +2,12 @@
 //! (single events and batches of 100) and publish→deliver latency at a fixed rate with two
 //! subscribing services.
 //!
-//!     cargo build --release --workspace && target/release/events-bench [SECONDS] [--backend embedded|nats|both]
+//!     cargo build --release --workspace && target/release/events-bench [SECONDS] [--backend embedded|nats|nats-sync|both|all]
 //!
-//! NATS: a `nats-server` from PATH is started for the run (or `SINEW_TEST_NATS_URL` is used).
+//! NATS: a `nats-server` from PATH is started for the run (or `SINEW_TEST_NATS_URL` is used),
+//! with JetStream's default fsync interval (`nats`) or an fsync before every acknowledgement
+//! (`nats-sync`, `jetstream { sync_interval: always }`). `both` (the default) is embedded and
+//! nats; `all` adds nats-sync.
 //!
 //! Starts a real control plane, the publisher's sidecar (in front of the test app) and one
 //! sidecar for each subscriber; the subscriber apps run in this process and record, for each
@@ -170,8 +173,12 @@ async fn main() -> anyhow::Result<()> {
                 backends = match args.next().as_deref() {
                     Some("embedded") => vec!["embedded"],
                     Some("nats") => vec!["nats"],
+                    Some("nats-sync") => vec!["nats-sync"],
                     Some("both") => vec!["embedded", "nats"],
-                    other => anyhow::bail!("--backend embedded|nats|both, not {other:?}"),
+                    Some("all") => vec!["embedded", "nats", "nats-sync"],
+                    other => {
+                        anyhow::bail!("--backend embedded|nats|nats-sync|both|all, not {other:?}")
+                    }
                 }
             }
             n => secs = n.parse()?,
@@ -189,7 +196,15 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(backend: &str, secs: u64) -> anyhow::Result<String> {
     let mesh = Mesh::start(&format!("bench-events-{backend}"));
-    let nats = (backend == "nats").then(|| Nats::start("bench-events", mesh.dir()));
+    let nats = match backend {
+        "nats" => Some(Nats::start("bench-events", mesh.dir())),
+        "nats-sync" => Some(Nats::start_with(
+            "bench-events",
+            mesh.dir(),
+            sinew_e2e::NATS_CONFIG_SYNC_ALWAYS,
+        )),
+        _ => None,
+    };
     let flags = nats.as_ref().map(Nats::sidecar_flags).unwrap_or_default();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let client = http_client();

@@ -307,9 +307,8 @@ impl NatsEvents {
     fn known(&self, subscription: &Subscription, within: Option<Duration>) -> bool {
         let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
         self.ensured.lock().is_ok_and(|e| {
-            e.get(&subscription.name).is_some_and(|(f, at)| {
-                *f == fingerprint && within.is_none_or(|w| at.elapsed() < w)
-            })
+            e.get(&subscription.name)
+                .is_some_and(|(f, at)| *f == fingerprint && within.is_none_or(|w| at.elapsed() < w))
         })
     }
 
