@@ -64,7 +64,7 @@ pub struct Args {
     /// Locality label reported to the control plane.
     #[arg(long, env = "SINEW_ZONE", default_value = "")]
     pub zone: String,
-    /// Worker threads [default: one per core]; 1 runs everything on the main thread.
+    /// Worker threads [default: one per core].
     #[arg(long, env = "SINEW_THREADS")]
     pub threads: Option<usize>,
     /// How long a shutdown waits for in-flight requests.

@@ -18,18 +18,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // One thread asked for: a current-thread runtime, so every task runs on the thread that
-    // polls the I/O driver. A multi-thread runtime with one worker still hands work between
-    // the `block_on` thread and the worker: extra wake-ups, each a context switch.
-    let mut runtime = match threads {
-        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(n);
-            runtime
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        runtime.worker_threads(n.max(1));
+    }
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
