@@ -20,19 +20,49 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many of one service's endpoints are not plainly ready (ejected, probing, or with a
+/// failed dial on record), kept up to date by their [`EndpointState`]s. At zero the balancer
+/// may skip its scan: every endpoint is ready and reachable, so plain P2C over all of them
+/// is exactly what the scan would do.
+#[derive(Debug, Default)]
+pub struct Unsettled(AtomicUsize);
+
+impl Unsettled {
+    /// Whether every endpoint counted here is ready and reachable.
+    pub fn none(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 0
+    }
+
+    /// Sets one of an endpoint's flags, counting the change.
+    fn set(&self, flag: &AtomicBool, on: bool) {
+        if flag.swap(on, Ordering::AcqRel) != on {
+            if on {
+                self.0.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
 /// One endpoint's load, latency and health.
 #[derive(Debug)]
 pub struct EndpointState {
     in_flight: AtomicUsize,
     ewma: Mutex<PeakEwma>,
     outlier: Mutex<Outlier>,
+    /// Whether the outlier is anything but ready (ejected, probing); changed under its lock.
+    unready: AtomicBool,
     /// Whether the last dial failed; the fast path reads only this flag.
     down: AtomicBool,
     reach: Mutex<Reachability>,
+    /// The service's count of endpoints with `unready` or `down` set.
+    unsettled: Arc<Unsettled>,
 }
 
 impl EndpointState {
-    pub fn new(now: Instant) -> Self {
+    /// A ready endpoint of the service whose endpoints `unsettled` counts.
+    pub fn new(now: Instant, unsettled: Arc<Unsettled>) -> Self {
         EndpointState {
             in_flight: AtomicUsize::new(0),
             ewma: Mutex::new(PeakEwma::new(
@@ -41,8 +71,10 @@ impl EndpointState {
                 now,
             )),
             outlier: Mutex::new(Outlier::new(now)),
+            unready: AtomicBool::new(false),
             down: AtomicBool::new(false),
             reach: Mutex::new(Reachability::new()),
+            unsettled,
         }
     }
 
@@ -70,15 +102,16 @@ impl EndpointState {
         let mut reach = lock(&self.reach);
         let was_down = reach.is_down();
         reach.on_connect_failure(now);
-        self.down.store(true, Ordering::Relaxed);
+        self.unsettled.set(&self.down, true);
         !was_down
     }
 
     /// A request reached the endpoint's sidecar: its connection works.
     pub fn connected(&self) {
         if self.down.load(Ordering::Relaxed) {
-            lock(&self.reach).on_connected();
-            self.down.store(false, Ordering::Relaxed);
+            let mut reach = lock(&self.reach);
+            reach.on_connected();
+            self.unsettled.set(&self.down, false);
         }
     }
 
@@ -107,9 +140,20 @@ impl EndpointState {
             lock(&self.ewma).observe(rtt, now);
         }
         let config = outlier_config(policy);
-        lock(&self.outlier)
+        let mut outlier = lock(&self.outlier);
+        let ejected = outlier
             .on_result(ok, now, &config, fastrand::f64())
-            .is_some()
+            .is_some();
+        // Under the lock, so the flag follows the outlier's changes in their order.
+        self.unsettled.set(&self.unready, !outlier.is_ready());
+        ejected
+    }
+}
+
+impl Drop for EndpointState {
+    fn drop(&mut self) {
+        self.unsettled.set(&self.unready, false);
+        self.unsettled.set(&self.down, false);
     }
 }
 

@@ -139,7 +139,9 @@ impl<T: Transport> Outbound<T> {
         request: Request<Body>,
     ) -> Result<Response<Body>, MeshError> {
         let started = Instant::now();
-        let policy = service.policy.clone();
+        // The policy the request was admitted under, for all its tries (an Arc, not a copy).
+        let admitted = service.clone();
+        let policy = &admitted.policy;
         let deadline = started + policy.timeout;
         service.state.deposit(started);
         let service = self.with_endpoints(service, deadline).await?;
@@ -154,7 +156,7 @@ impl<T: Transport> Outbound<T> {
                 | Method::DELETE
         );
         let (parts, body) = request.into_parts();
-        let mut body = RequestBody::new(body, &parts.headers, &policy, &peer);
+        let mut body = RequestBody::new(body, &parts.headers, policy, &peer);
         let request_for = |body: Body| {
             let mut request = Request::new(body);
             *request.method_mut() = parts.method.clone();

@@ -3,7 +3,7 @@
 //! snapshot beside the old one and swaps it in whole, or is refused and changes nothing.
 
 use crate::balance::p2c;
-use crate::endpoint::{EndpointState, ServiceState};
+use crate::endpoint::{EndpointState, ServiceState, Unsettled};
 use crate::resilience::{Reach, State};
 use crate::transport::Target;
 use prost::Message;
@@ -39,6 +39,8 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// The retry budget, carried over from the previous snapshot.
     pub state: Arc<ServiceState>,
+    /// How many endpoints are not plainly ready; carried over with the endpoints' states.
+    unsettled: Arc<Unsettled>,
     /// The resource as received, kept for the disk cache and `/config`.
     resource: ServiceResource,
 }
@@ -61,11 +63,28 @@ impl Service {
     /// anyway (the record may be stale). When more than `max_ejection_percent` are ejected,
     /// or all are, it balances across all of them (panic mode): an ejection must never turn
     /// a degraded service into an unavailable one. `None` only when there is no endpoint.
+    ///
+    /// The first try while every endpoint is ready and reachable (the common case) takes
+    /// two random draws and two cost reads: no scan, no allocation.
     pub fn pick(&self, now: Instant, tried: &[usize]) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
+        if tried.is_empty() && self.unsettled.none() {
+            return p2c::pick(
+                n,
+                |i| self.endpoints[i].state.cost(now),
+                |m| fastrand::usize(..m),
+            );
+        }
+        self.pick_by_scan(now, tried)
+    }
+
+    /// [`Service::pick`] when some endpoint is ejected, down or probing, or for a retry:
+    /// every endpoint's state is read.
+    fn pick_by_scan(&self, now: Instant, tried: &[usize]) -> Option<usize> {
+        let n = self.endpoints.len();
         let mut ready = Vec::with_capacity(n);
         let mut down = Vec::new();
         for (i, endpoint) in self.endpoints.iter().enumerate() {
@@ -116,6 +135,7 @@ impl Service {
         validate_name(&name).map_err(|e| format!("service name: {e}"))?;
         let policy = ServiceSpec::from_json(&resource.policy_json)
             .map_err(|e| format!("service {name}: {}: {}", e.path, e.reason))?;
+        let unsettled = previous.map_or_else(Arc::default, |p| p.unsettled.clone());
         let mut endpoints = Vec::with_capacity(resource.endpoints.len());
         for (i, ep) in resource.endpoints.iter().enumerate() {
             let addr: SocketAddr = ep.addr.parse().map_err(|_| {
@@ -136,7 +156,10 @@ impl Service {
                         .iter()
                         .find(|e| e.target.addr == addr && e.target.identity == ep.identity)
                 })
-                .map_or_else(|| Arc::new(EndpointState::new(now)), |e| e.state.clone());
+                .map_or_else(
+                    || Arc::new(EndpointState::new(now, unsettled.clone())),
+                    |e| e.state.clone(),
+                );
             endpoints.push(Endpoint {
                 node_id: ep.node_id.clone(),
                 zone: ep.zone.clone(),
@@ -165,6 +188,7 @@ impl Service {
             policy,
             endpoints,
             state,
+            unsettled,
             resource,
         })
     }
@@ -498,6 +522,58 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(orders.pick(t0 + wait, &[]), Some(0));
         }
+    }
+
+    #[test]
+    fn an_ejected_endpoint_is_left_out_then_probed_once_and_the_scan_runs_only_while_one_is() {
+        let s = Snapshot::default()
+            .apply(&update(
+                1,
+                true,
+                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
+                &[],
+            ))
+            .unwrap();
+        let orders = &s.services["orders"];
+        let policy = orders.policy.outlier.clone();
+        let t0 = Instant::now();
+        assert!(orders.unsettled.none(), "all ready: the fast path");
+        let mut ejected = false;
+        for _ in 0..policy.consecutive_failures.max(1) {
+            ejected |= orders.endpoints[0].state.record(false, None, t0, &policy);
+        }
+        assert!(ejected);
+        assert!(!orders.unsettled.none());
+        for _ in 0..20 {
+            assert_eq!(orders.pick(t0, &[]), Some(1), "the ejected one is left out");
+        }
+        let later = t0 + policy.max_ejection * 2;
+        assert_eq!(orders.pick(later, &[]), Some(0), "the probe");
+        assert_eq!(orders.pick(later, &[]), Some(1), "one probe at a time");
+        let rtt = Some(std::time::Duration::from_millis(1));
+        orders.endpoints[0].state.record(true, rtt, later, &policy);
+        assert!(orders.unsettled.none(), "the probe answered: ready again");
+        // An endpoint that leaves the service while down stops counting once it is gone.
+        assert!(orders.endpoints[1].state.connect_failed(later));
+        assert!(!orders.unsettled.none());
+        let s2 = s
+            .apply(&update(
+                2,
+                false,
+                vec![resource("orders", &["127.0.0.1:1"])],
+                &[],
+            ))
+            .unwrap();
+        assert!(
+            !s2.services["orders"].unsettled.none(),
+            "the old snapshot holds it"
+        );
+        drop(s);
+        assert!(s2.services["orders"].unsettled.none());
+        let seen: std::collections::HashSet<_> = (0..20)
+            .filter_map(|_| s2.services["orders"].pick(later, &[]))
+            .collect();
+        assert_eq!(seen.len(), 1);
     }
 
     #[test]

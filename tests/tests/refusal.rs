@@ -80,6 +80,7 @@ async fn try_request(
             authority: "orders".into(),
             path: "/whoami".into(),
             headers: vec![],
+            end_stream: true,
         };
         let payload = prost::Message::encode_to_vec(&head);
         let mut frame = vec![1u8];

@@ -79,6 +79,12 @@ impl Outlier {
         Some(self.eject(reason, now, config, random_unit))
     }
 
+    /// Whether the endpoint is plainly ready: not ejected, no probe pending or out. Only
+    /// [`Outlier::on_result`] moves it in or out of this phase.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready(_))
+    }
+
     /// Ejections since the endpoint was last healthy for `max_ejection`, for the admin view.
     pub fn ejections(&self) -> u32 {
         self.ejections

@@ -155,6 +155,25 @@ pub async fn send_body(mut body: Body, send: &mut SendStream) -> Result<(), Fram
     Ok(())
 }
 
+/// The rest of a stream whose HEAD said no body follows (`end_stream`). The sender finished
+/// the stream right after the head, so its end is almost always in hand already: it is read
+/// here (without waiting), and dropping the stream then sends nothing. If it is not in hand
+/// yet, dropping the stream stops it, which costs the peer nothing: it has sent all it will.
+/// Data where none may follow is a protocol error.
+pub fn end_of_stream(mut recv: RecvStream) -> Result<(), FrameError> {
+    use futures_util::FutureExt;
+    match recv.read_chunk(1, true).now_or_never() {
+        Some(Ok(None)) | None => Ok(()),
+        Some(Ok(Some(_))) => {
+            let _ = recv.stop(PROTOCOL_ERROR);
+            Err(FrameError::Protocol(
+                "data after a HEAD frame that ended the stream".into(),
+            ))
+        }
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
 /// Turns the rest of a stream (DATA*, TRAILERS?) into an HTTP body. A task reads the stream
 /// and hands frames over a channel of one, so the reader never runs ahead of the consumer.
 /// When the consumer drops the body, the stream is stopped at once, even while the peer is

@@ -141,6 +141,7 @@ impl QuicTransport {
             detail: e.to_string(),
         })?;
         let (parts, body) = request.into_parts();
+        let end_stream = http_body::Body::is_end_stream(&body);
         let head = RequestHead {
             method: parts.method.as_str().to_string(),
             authority: parts.uri.host().unwrap_or_default().to_string(),
@@ -150,6 +151,7 @@ impl QuicTransport {
                 .map_or("/", |p| p.as_str())
                 .to_string(),
             headers: frame::to_proto_headers(&parts.headers, true),
+            end_stream,
         };
         frame::write_message(&mut send, frame::HEAD, &head)
             .await
@@ -159,7 +161,7 @@ impl QuicTransport {
         // before the response head (timeout, client gone) or, later, when the response body
         // ends or is dropped, which holds `cancel` from then on. A request without a body
         // (most GETs) needs no task: the stream's sending side just ends after the head.
-        let cancel = if http_body::Body::is_end_stream(&body) {
+        let cancel = if end_stream {
             let _ = send.finish();
             None
         } else {
@@ -189,8 +191,14 @@ impl QuicTransport {
             })?;
         *response.headers_mut() = frame::from_proto_headers(&head.headers)
             .map_err(|detail| TransportError::Reset { addr, detail })?;
-        let length = content_length(response.headers());
-        *response.body_mut() = frame::recv_body(recv, length, cancel);
+        if head.end_stream {
+            // No body: nothing to read, so no reader task. Ending here ends the exchange as
+            // the end of a body would (`cancel` dropped).
+            frame::end_of_stream(recv).map_err(|e| classify(addr, e))?;
+        } else {
+            let length = content_length(response.headers());
+            *response.body_mut() = frame::recv_body(recv, length, cancel);
+        }
         Ok(response)
     }
 }
@@ -263,8 +271,13 @@ pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Bo
         .path
         .parse()
         .map_err(|_| FrameError::Protocol(format!("invalid path {:?}", head.path)))?;
-    let length = content_length(&headers);
-    let mut request = Request::new(frame::recv_body(recv, length, ()));
+    let body = if head.end_stream {
+        frame::end_of_stream(recv)?;
+        Body::default()
+    } else {
+        frame::recv_body(recv, content_length(&headers), ())
+    };
+    let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
@@ -280,6 +293,7 @@ pub async fn write_response(
     let head = ResponseHead {
         status: u32::from(parts.status.as_u16()),
         headers: frame::to_proto_headers(&parts.headers, true),
+        end_stream: http_body::Body::is_end_stream(&body),
     };
     frame::write_message(send, frame::HEAD, &head).await?;
     frame::send_body(body, send).await
