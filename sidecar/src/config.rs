@@ -144,7 +144,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub event_limits: crate::events::Limits,
     /// `None`: the embedded outbox.
-    pub nats: Option<crate::events::nats::NatsConfig>,
+    pub nats: Option<crate::events::NatsConfig>,
     /// Active health checks of the app; `None` without `--health-http`/`--health-grpc`.
     pub health: Option<HealthConfig>,
 }
@@ -192,9 +192,9 @@ impl Args {
         let nats = match self.events_backend {
             EventsBackend::Embedded => None,
             EventsBackend::Nats => {
-                crate::events::nats::validate_prefix(&self.nats_prefix)
+                crate::events::validate_prefix(&self.nats_prefix)
                     .map_err(|e| format!("--nats-prefix: {e}"))?;
-                Some(crate::events::nats::NatsConfig {
+                Some(crate::events::NatsConfig {
                     url: self.nats_url,
                     prefix: self.nats_prefix,
                 })

@@ -186,6 +186,7 @@ impl Events {
                         )
                     })?;
                 }
+                #[cfg(feature = "nats")]
                 Backend::Nats(nats) => {
                     let results = nats.publish(&topic, &subscribers, events).await;
                     refuse_unstored(&ids, results)?;
@@ -332,6 +333,7 @@ impl Events {
     }
 }
 
+#[cfg(feature = "nats")]
 /// NATS stores each event of a batch on its own: if any was refused, the answer says which
 /// were stored (a batch resent with the same `ce-id`s within two minutes is stored once).
 fn refuse_unstored(

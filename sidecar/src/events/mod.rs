@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod dispatch;
+#[cfg(feature = "nats")]
 pub mod nats;
 pub mod outbox;
 pub mod wire;
@@ -73,11 +74,35 @@ impl Default for Limits {
     }
 }
 
+/// `--events-backend nats` settings.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub url: String,
+    pub prefix: String,
+}
+
+/// The prefix names streams and subjects: letters, digits, `_` and `-`.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{prefix}`: 1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
+        ))
+    }
+}
+
 /// Where the events are kept.
 pub enum Backend {
     /// This sidecar's redb outbox, delivered by its dispatcher.
     Embedded(Arc<Outbox>),
     /// NATS JetStream, shared by the mesh.
+    #[cfg(feature = "nats")]
     Nats(Arc<nats::NatsEvents>),
 }
 
@@ -97,12 +122,20 @@ impl Events {
         inbound: Arc<Inbound>,
         data_dir: &Path,
         limits: Limits,
-        nats: Option<&nats::NatsConfig>,
+        nats: Option<&NatsConfig>,
     ) -> anyhow::Result<Arc<Events>> {
         let backend = match nats {
+            #[cfg(feature = "nats")]
             Some(config) => Backend::Nats(
                 nats::NatsEvents::start(shared.clone(), inbound, config, limits.clone()).await?,
             ),
+            #[cfg(not(feature = "nats"))]
+            Some(_) => {
+                let _ = inbound;
+                anyhow::bail!(
+                    "--events-backend nats: this sidecar was built without NATS support; build it with the `nats` feature (on by default)"
+                )
+            }
             None => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let (outbox, recovered) = Outbox::open(&data_dir.join("outbox.redb"), tx)?;
@@ -132,6 +165,7 @@ impl Events {
     pub fn store(&self) -> String {
         match &self.backend {
             Backend::Embedded(_) => String::new(),
+            #[cfg(feature = "nats")]
             Backend::Nats(nats) => nats.store(),
         }
     }
@@ -139,6 +173,7 @@ impl Events {
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Embedded(_) => "embedded",
+            #[cfg(feature = "nats")]
             Backend::Nats(_) => "nats",
         }
     }
@@ -150,6 +185,7 @@ impl Events {
                 outbox.events.load(std::sync::atomic::Ordering::Relaxed),
                 outbox.bytes.load(std::sync::atomic::Ordering::Relaxed),
             ),
+            #[cfg(feature = "nats")]
             Backend::Nats(nats) => nats.depth().await,
         }
     }
@@ -174,6 +210,7 @@ impl Events {
         let op = events_request::Op::try_from(request.op).unwrap_or(events_request::Op::List);
         let outbox = match &self.backend {
             Backend::Embedded(outbox) => outbox.clone(),
+            #[cfg(feature = "nats")]
             Backend::Nats(nats) => {
                 reply.store = nats.store();
                 let result = match op {

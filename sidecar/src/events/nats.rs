@@ -42,7 +42,7 @@
 //! letter, then deletes it, 500 at a time, touching only what was dead when asked.
 
 use super::wire;
-use super::{Limits, outbox::Filter};
+use super::{Limits, NatsConfig, outbox::Filter};
 use crate::inbound::Inbound;
 use crate::snapshot::Subscription;
 use crate::state::Shared;
@@ -71,29 +71,6 @@ const RECHECK: Duration = Duration::from_secs(5);
 
 /// How long JetStream keeps message ids for de-duplication.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
-
-/// `--events-backend nats` settings.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    pub url: String,
-    pub prefix: String,
-}
-
-/// The prefix names streams and subjects: letters, digits, `_` and `-`.
-pub fn validate_prefix(prefix: &str) -> Result<(), String> {
-    let ok = !prefix.is_empty()
-        && prefix.len() <= 64
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{prefix}`: 1-64 characters of A-Z, a-z, 0-9, '_' and '-'"
-        ))
-    }
-}
 
 /// Where a partition of a topic lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1034,6 +1011,7 @@ mod tests {
 
     #[test]
     fn prefixes_are_checked() {
+        use super::super::validate_prefix;
         assert!(validate_prefix("sinew").is_ok());
         assert!(validate_prefix("test_1-a").is_ok());
         assert!(validate_prefix("").is_err());
