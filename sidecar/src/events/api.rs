@@ -9,7 +9,7 @@ use crate::errors::HEADER;
 use crate::transport::{Body, BoxError};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use sinew_proto::policy::validate_topic;
 use sinew_proto::v1::StoredEvent;
 
@@ -378,28 +378,61 @@ fn refuse_unstored(
     })
 }
 
+/// A body refused as too large is still read and dropped up to this size: the client is
+/// still sending, and closing on it makes many clients report a reset instead of the 413.
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
 async fn read<B>(headers: &http::HeaderMap, body: B, limit: usize) -> Result<Bytes, Refusal>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let mut body = std::pin::pin!(body);
     if let Some(length) = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         && length > limit
     {
+        if length <= DRAIN_MAX {
+            drain(body.as_mut(), DRAIN_MAX).await;
+        }
         return Err(too_large(limit));
     }
-    let body = Limited::new(body, limit);
-    match body.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
-        Err(e) => Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "bad-request",
-            format!("reading the body: {e}"),
-        )),
+    let mut collected = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("reading the body: {}", e.into()),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > limit {
+                drain(body.as_mut(), DRAIN_MAX.saturating_sub(collected.len())).await;
+                return Err(too_large(limit));
+            }
+            collected.extend_from_slice(&data);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+/// Reads and drops at most `budget` bytes of what is left of `body`.
+async fn drain<B>(mut body: std::pin::Pin<&mut B>, mut budget: usize)
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    while budget > 0 {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    budget = budget.saturating_sub(data.len().max(1));
+                }
+            }
+            _ => return,
+        }
     }
 }
 
