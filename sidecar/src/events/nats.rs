@@ -227,39 +227,40 @@ impl NatsEvents {
         }
         let max_messages = i64::try_from(self.limits.max_outbox_events).unwrap_or(i64::MAX);
         let max_bytes = i64::try_from(self.limits.max_outbox_bytes).unwrap_or(i64::MAX);
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: self.events_stream.clone(),
-                description: Some("sinew events: pending deliveries".into()),
-                subjects: vec![
+        let streams = [
+            (
+                &self.events_stream,
+                "sinew events: pending deliveries",
+                vec![
                     format!("{}.ev.>", self.prefix),
                     format!("{}.rp.>", self.prefix),
                 ],
-                retention: stream::RetentionPolicy::Interest,
-                storage: stream::StorageType::File,
-                discard: stream::DiscardPolicy::New,
-                max_messages,
-                max_bytes,
-                duplicate_window: DEDUP_WINDOW,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("stream {}: {e}", self.events_stream))?;
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: self.dead_stream.clone(),
-                description: Some("sinew events: dead letters".into()),
-                subjects: vec![format!("{}.dead.>", self.prefix)],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                discard: stream::DiscardPolicy::New,
-                max_messages,
-                max_bytes,
-                duplicate_window: DEDUP_WINDOW,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("stream {}: {e}", self.dead_stream))?;
+                stream::RetentionPolicy::Interest,
+            ),
+            (
+                &self.dead_stream,
+                "sinew events: dead letters",
+                vec![format!("{}.dead.>", self.prefix)],
+                stream::RetentionPolicy::Limits,
+            ),
+        ];
+        for (name, description, subjects, retention) in streams {
+            self.js
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    description: Some(description.into()),
+                    subjects,
+                    retention,
+                    storage: stream::StorageType::File,
+                    discard: stream::DiscardPolicy::New,
+                    max_messages,
+                    max_bytes,
+                    duplicate_window: DEDUP_WINDOW,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("stream {name}: {e}"))?;
+        }
         self.streams_ready.store(true, Ordering::Release);
         Ok(())
     }

@@ -104,14 +104,10 @@ pub enum Op {
     },
     /// Delivery bookkeeping: nobody waits for it.
     Note(Note),
-    /// Dead letters matching the filter become pending deliveries again: at most
-    /// [`ADMIN_CHUNK`] from `from` on, in one transaction.
-    Replay {
-        filter: Filter,
-        from: Option<DeadKey>,
-        reply: AdminReply,
-    },
-    Purge {
+    /// At most [`ADMIN_CHUNK`] dead letters matching the filter, from `from` on, go in one
+    /// transaction: replayed (pending deliveries again) or purged.
+    Admin {
+        replay: bool,
         filter: Filter,
         from: Option<DeadKey>,
         reply: AdminReply,
@@ -304,19 +300,11 @@ impl Outbox {
         let mut from = None;
         loop {
             let (reply, answer) = oneshot::channel();
-            let filter = filter.clone();
-            let op = if replay {
-                Op::Replay {
-                    filter,
-                    from,
-                    reply,
-                }
-            } else {
-                Op::Purge {
-                    filter,
-                    from,
-                    reply,
-                }
+            let op = Op::Admin {
+                replay,
+                filter: filter.clone(),
+                from,
+                reply,
             };
             self.ops
                 .send(op)
@@ -678,7 +666,8 @@ impl Writer {
                             self.store(&mut tables, new, effects)?;
                         }
                     }
-                    Op::Replay {
+                    Op::Admin {
+                        replay,
                         filter,
                         from,
                         reply,
@@ -688,7 +677,7 @@ impl Writer {
                         for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
                             self.forget_dead(&record);
-                            let Some(mut event) = record.event else {
+                            let Some(mut event) = record.event.filter(|_| replay) else {
                                 continue;
                             };
                             // A replayed event goes to the back, as a new publish would; its
@@ -699,19 +688,6 @@ impl Writer {
                                 subscriptions: vec![subscription],
                             };
                             self.store(&mut tables, new, effects)?;
-                        }
-                        effects.admin_replies.push((reply, (n, next)));
-                    }
-                    Op::Purge {
-                        filter,
-                        from,
-                        reply,
-                    } => {
-                        let (matching, next) = matching(tables.dead, &filter, from)?;
-                        let n = matching.len() as u64;
-                        for ((subscription, seq), record) in matching {
-                            tables.dead.remove((subscription.as_str(), seq))?;
-                            self.forget_dead(&record);
                         }
                         effects.admin_replies.push((reply, (n, next)));
                     }
