@@ -32,6 +32,13 @@ pub struct Subscription {
     resource: SubscriptionResource,
 }
 
+impl Subscription {
+    /// The spec's canonical JSON as the control plane sent it: equal JSON, equal spec.
+    pub fn spec_json(&self) -> &str {
+        &self.resource.spec_json
+    }
+}
+
 #[derive(Debug)]
 pub struct Service {
     pub name: String,

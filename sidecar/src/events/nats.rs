@@ -283,10 +283,10 @@ impl NatsEvents {
 
     /// Whether `subscription`'s consumers were made with its current spec (within `within`).
     fn known(&self, subscription: &Subscription, within: Option<Duration>) -> bool {
-        let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
         self.ensured.lock().is_ok_and(|e| {
-            e.get(&subscription.name)
-                .is_some_and(|(f, at)| *f == fingerprint && within.is_none_or(|w| at.elapsed() < w))
+            e.get(&subscription.name).is_some_and(|(f, at)| {
+                f == subscription.spec_json() && within.is_none_or(|w| at.elapsed() < w)
+            })
         })
     }
 
@@ -315,7 +315,7 @@ impl NatsEvents {
     }
 
     async fn create_consumers(&self, subscription: &Subscription) -> Result<(), String> {
-        let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
+        let fingerprint = subscription.spec_json().to_string();
         self.ensure_streams().await?;
         let stream = self
             .js
@@ -449,9 +449,7 @@ impl NatsEvents {
                 .filter(|(_, s)| s.spec.service == self.shared.service)
                 .collect();
             pullers.retain(|name, (fingerprint, tasks)| {
-                let keep = mine.get(name).is_some_and(|s| {
-                    serde_json::to_string(&s.spec).unwrap_or_default() == *fingerprint
-                });
+                let keep = mine.get(name).is_some_and(|s| s.spec_json() == fingerprint);
                 if !keep {
                     tasks.iter().for_each(tokio::task::JoinHandle::abort);
                 }
@@ -475,7 +473,7 @@ impl NatsEvents {
                         ))
                     })
                     .collect();
-                let fingerprint = serde_json::to_string(&subscription.spec).unwrap_or_default();
+                let fingerprint = subscription.spec_json().to_string();
                 pullers.insert((*name).clone(), (fingerprint, tasks));
             }
             // Consumers of subscriptions that are gone.
