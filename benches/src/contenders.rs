@@ -270,8 +270,11 @@ async fn start_sinew(
         crate::sys::pin(control.pid, at.cpu_b)?;
         running.pids.push(control.pid);
     }
+    // `SINEW_BENCH_SIDECAR=<path>` times another sidecar binary (an A/B of two builds).
+    let sidecar_bin = std::env::var_os("SINEW_BENCH_SIDECAR")
+        .map_or_else(|| bin("sinew-sidecar"), std::path::PathBuf::from);
     let sidecar = |node: &str, service: &str, app: SocketAddr, cpu: usize| {
-        let mut command = pinned(cpu, &bin("sinew-sidecar"));
+        let mut command = pinned(cpu, &sidecar_bin);
         command
             .args(["--service", service, "--node-id", node])
             .arg("--app-addr")

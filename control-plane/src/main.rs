@@ -7,13 +7,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let config = Flags::parse().into_config();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,4 +25,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` as `level` or `target=level,...` (default `info`).
+/// A `Targets` filter, not `EnvFilter`: no regex engine in the binary for a log filter.
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => spec.parse().unwrap_or_else(|e| {
+            eprintln!("sinew-control: ignoring RUST_LOG={spec:?} ({e}); logging at info");
+            default()
+        }),
+        Err(_) => default(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
 }

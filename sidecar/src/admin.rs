@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -145,19 +146,90 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// Which side of the sidecar a request passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From this sidecar's app to the mesh.
+    Outbound,
+    /// From the mesh to this sidecar's app.
+    Inbound,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// The request metrics of one (direction, peer): registered once, so a request records with
+/// atomic adds instead of building, hashing and looking up a labelled key per metric.
+/// Counters per status class are registered when first used, so no zero-valued series
+/// appear for classes a peer never answered.
+struct RequestMetrics {
+    direction: Direction,
+    peer: Arc<str>,
+    by_class: [std::sync::OnceLock<metrics::Counter>; 5],
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    fn new(direction: Direction, peer: &str) -> Self {
+        let peer: Arc<str> = peer.into();
+        let duration = metrics::histogram!("sinew_request_duration_seconds", "direction" => direction.label(), "peer" => peer.to_string());
+        RequestMetrics {
+            direction,
+            peer,
+            by_class: Default::default(),
+            duration,
+        }
+    }
+
+    fn requests(&self, class: usize) -> &metrics::Counter {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        self.by_class[class].get_or_init(|| {
+            metrics::counter!("sinew_requests_total", "direction" => self.direction.label(), "peer" => self.peer.to_string(), "status_class" => CLASSES[class])
+        })
+    }
+}
+
+/// Handles by peer, one map per direction. Peers are service names of the mesh (and
+/// `unknown`), so the maps stay as small as the mesh.
+type RequestMetricsByPeer = std::sync::RwLock<HashMap<Arc<str>, Arc<RequestMetrics>>>;
+static REQUEST_METRICS: [std::sync::LazyLock<RequestMetricsByPeer>; 2] = [
+    std::sync::LazyLock::new(Default::default),
+    std::sync::LazyLock::new(Default::default),
+];
+
+fn request_metrics(direction: Direction, peer: &str) -> Arc<RequestMetrics> {
+    let by_peer = &REQUEST_METRICS[direction as usize];
+    // A poisoned lock only means another thread panicked while holding it; the map is intact.
+    if let Some(found) = by_peer.read().unwrap_or_else(|e| e.into_inner()).get(peer) {
+        return found.clone();
+    }
+    let metrics = Arc::new(RequestMetrics::new(direction, peer));
+    by_peer
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(metrics.peer.clone())
+        .or_insert(metrics)
+        .clone()
+}
+
 /// `sinew_requests_total{direction, peer, status_class}` and
 /// `sinew_request_duration_seconds{direction, peer}` (time to the response head).
 /// `peer` is the called service (outbound) or the caller's service (inbound).
-pub fn record_request(direction: &'static str, peer: &str, status: StatusCode, elapsed: Duration) {
+pub fn record_request(direction: Direction, peer: &str, status: StatusCode, elapsed: Duration) {
     let class = match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+        1 => 0,
+        2 => 1,
+        3 => 2,
+        4 => 3,
+        _ => 4,
     };
-    metrics::counter!("sinew_requests_total", "direction" => direction, "peer" => peer.to_string(), "status_class" => class)
-        .increment(1);
-    metrics::histogram!("sinew_request_duration_seconds", "direction" => direction, "peer" => peer.to_string())
-        .record(elapsed.as_secs_f64());
+    let metrics = request_metrics(direction, peer);
+    metrics.requests(class).increment(1);
+    metrics.duration.record(elapsed.as_secs_f64());
 }

@@ -113,7 +113,7 @@ impl Inbound {
             }
         };
         crate::admin::record_request(
-            "inbound",
+            crate::admin::Direction::Inbound,
             &caller_service,
             response.status(),
             started.elapsed(),

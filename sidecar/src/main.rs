@@ -2,13 +2,7 @@ use clap::Parser;
 use sinew_sidecar::config::Args;
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging();
     let args = Args::parse();
     let threads = args.threads;
     let config = match args.into_config() {
@@ -36,4 +30,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` as `level` or `target=level,...` (default `info`).
+/// A `Targets` filter, not `EnvFilter`: no regex engine in the binary for a log filter.
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => spec.parse().unwrap_or_else(|e| {
+            eprintln!("sinew-sidecar: ignoring RUST_LOG={spec:?} ({e}); logging at info");
+            default()
+        }),
+        Err(_) => default(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
 }

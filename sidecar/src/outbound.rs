@@ -56,7 +56,12 @@ impl<T: Transport> Outbound<T> {
                 (error.into_response(), service)
             }
         };
-        crate::admin::record_request("outbound", &peer, response.status(), started.elapsed());
+        crate::admin::record_request(
+            crate::admin::Direction::Outbound,
+            &peer,
+            response.status(),
+            started.elapsed(),
+        );
         response
     }
 

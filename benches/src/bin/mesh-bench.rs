@@ -9,7 +9,8 @@
 //! `--out DIR`, `--contenders sinew,envoy,...`, `--reps N`, `--seconds S` (each fixed-rate
 //! phase), `--rates 1000,5000`, `--max-seconds S` (closed loop), `--connections N`,
 //! `--threads N` (worker threads per proxy), `--no-install` (fail instead of installing
-//! missing peers with benches/install-peers.sh).
+//! missing peers with benches/install-peers.sh). `SINEW_BENCH_SIDECAR=<path>` times another
+//! sidecar binary than the one built here (an A/B of two builds).
 //!
 //! Placement: the load generator and proxy A on CPU 0, proxy B and the app on CPU 1
 //! (`taskset`). A run during which other processes kept more than a quarter of a core busy

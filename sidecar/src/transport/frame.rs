@@ -12,8 +12,7 @@ use prost::Message;
 use quinn::{RecvStream, SendStream, VarInt};
 use sinew_proto::v1::Header;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::sync::mpsc;
+use std::task::{Context, Poll, ready};
 
 pub const HEAD: u8 = 1;
 pub const DATA: u8 = 2;
@@ -89,6 +88,11 @@ pub async fn read_frame_header(recv: &mut RecvStream) -> Result<(u8, u32), Frame
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
+    parse_frame_header(&header)
+}
+
+/// A frame header's type and length, with the length checked against the type's limit.
+fn parse_frame_header(header: &[u8; 5]) -> Result<(u8, u32), FrameError> {
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     let limit = if header[0] == DATA {
         MAX_DATA_LEN
@@ -174,105 +178,235 @@ pub fn end_of_stream(mut recv: RecvStream) -> Result<(), FrameError> {
     }
 }
 
-/// Turns the rest of a stream (DATA*, TRAILERS?) into an HTTP body. A task reads the stream
-/// and hands frames over a channel of one, so the reader never runs ahead of the consumer.
-/// When the consumer drops the body, the stream is stopped at once, even while the peer is
-/// silent (the peer sees a cancellation). `guard` is dropped when the body ends, however it
-/// ends: the caller ties the other direction's lifetime to it.
-pub fn recv_body<G: Send + 'static>(
-    mut recv: RecvStream,
+/// Turns the rest of a stream (DATA*, TRAILERS?) into an HTTP body that reads the stream
+/// itself when polled: no task and no channel, so a consumer that writes what it polls (hyper
+/// writing a response) finds a body chunk that is already in hand in the same poll as the head,
+/// and writes both with one system call. Nothing is read ahead of the consumer. When the
+/// consumer drops the body before its end, the stream is stopped at once (the peer sees a
+/// cancellation). `guard` is dropped when the body ends, however it ends: the caller ties the
+/// other direction's lifetime to it.
+pub fn recv_body<G: Send + Sync + Unpin + 'static>(
+    recv: RecvStream,
     size_hint: Option<u64>,
     guard: G,
 ) -> Body {
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
-    tokio::spawn(async move {
-        let result = tokio::select! {
-            result = pump_frames(&mut recv, &tx) => result,
-            _ = tx.closed() => Err(FrameError::Protocol("body consumer went away".into())),
-        };
-        drop(guard);
-        match result {
-            Ok(()) => {}
-            Err(FrameError::End) => {}
-            Err(e) if tx.is_closed() => {
-                tracing::debug!("body consumer went away: {e}");
-                let _ = recv.stop(CANCELLED);
-            }
-            Err(e) => {
-                let _ = recv.stop(PROTOCOL_ERROR);
-                let _ = tx.send(Err(Box::new(e))).await;
-            }
-        }
-    });
-    ChannelBody { rx, size_hint }.boxed()
+    StreamBody {
+        recv,
+        state: State::Header {
+            buf: [0; 5],
+            have: 0,
+        },
+        size_hint,
+        guard: Some(guard),
+    }
+    .boxed()
 }
 
-async fn pump_frames(
+/// Where a [`StreamBody`] is in the stream's frames.
+#[derive(Debug)]
+enum State {
+    /// Between frames: `have` bytes of the next frame's header are in `buf`.
+    Header { buf: [u8; 5], have: usize },
+    /// Inside a DATA frame.
+    Data { remaining: usize },
+    /// Inside a TRAILERS frame: its payload so far.
+    Trailers { payload: BytesMut, len: usize },
+    /// Trailers delivered: only the end of the stream may follow.
+    AfterTrailers,
+    /// Reading ahead after a DATA frame failed; told on the next poll.
+    Failed(quinn::ReadError),
+    /// The stream ended (the body is complete), failed, or was stopped.
+    Done,
+}
+
+struct StreamBody<G> {
+    recv: RecvStream,
+    state: State,
+    size_hint: Option<u64>,
+    guard: Option<G>,
+}
+
+/// Polls the stream once for up to `max` bytes, in order.
+fn poll_chunk(
     recv: &mut RecvStream,
-    tx: &mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-) -> Result<(), FrameError> {
-    let closed = || FrameError::Protocol("body consumer went away".into());
-    loop {
-        let (kind, len) = read_frame_header(recv).await?;
-        match kind {
-            DATA => {
-                let mut remaining = len as usize;
-                while remaining > 0 {
-                    let chunk = recv.read_chunk(remaining, true).await?.ok_or_else(|| {
-                        FrameError::Protocol("stream ended inside a DATA frame".into())
-                    })?;
-                    remaining -= chunk.bytes.len();
-                    tx.send(Ok(Frame::data(chunk.bytes)))
-                        .await
-                        .map_err(|_| closed())?;
+    cx: &mut Context<'_>,
+    max: usize,
+) -> Poll<Result<Option<Bytes>, quinn::ReadError>> {
+    use std::future::Future;
+    // `read_chunk` registers the waker on its first poll and keeps no other state, so a fresh
+    // future per poll is a poll of the stream itself.
+    let read = std::pin::pin!(recv.read_chunk(max, true));
+    read.poll(cx).map_ok(|chunk| chunk.map(|c| c.bytes))
+}
+
+impl<G> StreamBody<G> {
+    /// The next frame of the body, `Ok(None)` at its end.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, FrameError>> {
+        loop {
+            match &mut self.state {
+                State::Header { buf, have } if *have < 5 => {
+                    let Some(chunk) = ready!(poll_chunk(&mut self.recv, cx, 5 - *have))? else {
+                        return Poll::Ready(if *have == 0 {
+                            Ok(None)
+                        } else {
+                            Err(FrameError::Protocol(format!(
+                                "stream ended inside a frame header ({have} of 5 bytes)"
+                            )))
+                        });
+                    };
+                    buf[*have..*have + chunk.len()].copy_from_slice(&chunk);
+                    *have += chunk.len();
                 }
-            }
-            TRAILERS => {
-                let payload = read_payload(recv, len).await?;
-                let trailers = sinew_proto::v1::Trailers::decode(payload)
-                    .map_err(|e| FrameError::Protocol(format!("bad TRAILERS frame: {e}")))?;
-                let map = from_proto_headers(&trailers.headers).map_err(FrameError::Protocol)?;
-                tx.send(Ok(Frame::trailers(map)))
-                    .await
-                    .map_err(|_| closed())?;
-                // Trailers end the body; anything after them is a peer bug.
-                return match read_frame_header(recv).await {
-                    Err(FrameError::End) => Ok(()),
-                    Err(e) => Err(e),
-                    Ok((kind, _)) => Err(FrameError::Protocol(format!(
-                        "frame type {kind} after TRAILERS"
-                    ))),
-                };
-            }
-            other => {
-                return Err(FrameError::Protocol(format!(
-                    "unexpected frame type {other} in a body"
-                )));
+                State::Header { buf, .. } => {
+                    let (kind, len) = parse_frame_header(buf)?;
+                    self.state = match kind {
+                        DATA => State::Data {
+                            remaining: len as usize,
+                        },
+                        TRAILERS => State::Trailers {
+                            payload: BytesMut::with_capacity(len as usize),
+                            len: len as usize,
+                        },
+                        other => {
+                            return Poll::Ready(Err(FrameError::Protocol(format!(
+                                "unexpected frame type {other} in a body"
+                            ))));
+                        }
+                    };
+                }
+                State::Data { remaining: 0 } => self.read_ahead(cx),
+                State::Data { remaining } => {
+                    let Some(chunk) = ready!(poll_chunk(&mut self.recv, cx, *remaining))? else {
+                        return Poll::Ready(Err(FrameError::Protocol(
+                            "stream ended inside a DATA frame".into(),
+                        )));
+                    };
+                    *remaining -= chunk.len();
+                    if *remaining == 0 {
+                        self.read_ahead(cx);
+                    }
+                    return Poll::Ready(Ok(Some(Frame::data(chunk))));
+                }
+                State::Trailers { payload, len } => {
+                    if payload.len() < *len {
+                        let want = *len - payload.len();
+                        let Some(chunk) = ready!(poll_chunk(&mut self.recv, cx, want))? else {
+                            return Poll::Ready(Err(FrameError::Protocol(
+                                "stream ended inside a frame".into(),
+                            )));
+                        };
+                        payload.extend_from_slice(&chunk);
+                        continue;
+                    }
+                    let trailers = sinew_proto::v1::Trailers::decode(payload.split().freeze())
+                        .map_err(|e| FrameError::Protocol(format!("bad TRAILERS frame: {e}")))?;
+                    let map =
+                        from_proto_headers(&trailers.headers).map_err(FrameError::Protocol)?;
+                    self.state = State::AfterTrailers;
+                    return Poll::Ready(Ok(Some(Frame::trailers(map))));
+                }
+                State::AfterTrailers => {
+                    // Trailers end the body; anything after them is a peer bug.
+                    return Poll::Ready(match ready!(poll_chunk(&mut self.recv, cx, 1))? {
+                        None => Ok(None),
+                        Some(_) => Err(FrameError::Protocol("data after TRAILERS".into())),
+                    });
+                }
+                State::Failed(e) => return Poll::Ready(Err(FrameError::Read(e.clone()))),
+                State::Done => return Poll::Ready(Ok(None)),
             }
         }
     }
+
+    /// After a DATA frame: reads what is already in hand of the next frame header, so the end
+    /// of the stream right behind the last DATA frame (the usual case: the peer sends a small
+    /// body and its end in one packet) makes the body's end known with its last chunk
+    /// (`is_end_stream`). A consumer that knows the length (hyper with `content-length`)
+    /// drops the body once it has every byte, without polling for the end; knowing it here
+    /// means that drop stops nothing.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) {
+        let mut buf = [0; 5];
+        self.state = match poll_chunk(&mut self.recv, cx, 5) {
+            Poll::Ready(Ok(None)) => {
+                self.guard = None;
+                State::Done
+            }
+            Poll::Ready(Ok(Some(chunk))) => {
+                buf[..chunk.len()].copy_from_slice(&chunk);
+                State::Header {
+                    buf,
+                    have: chunk.len(),
+                }
+            }
+            Poll::Ready(Err(e)) => State::Failed(e),
+            Poll::Pending => State::Header { buf, have: 0 },
+        };
+    }
+
+    /// True when the stream's end is already in hand (and is now read), without waiting.
+    fn end_in_hand(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(
+            poll_chunk(&mut self.recv, &mut cx, 1),
+            Poll::Ready(Ok(None))
+        )
+    }
 }
 
-struct ChannelBody {
-    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-    size_hint: Option<u64>,
-}
-
-impl http_body::Body for ChannelBody {
+impl<G: Unpin> http_body::Body for StreamBody<G> {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx)
+        let this = self.get_mut();
+        match ready!(this.step(cx)) {
+            Ok(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+            Ok(None) => {
+                this.state = State::Done;
+                this.guard = None;
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                this.state = State::Done;
+                this.guard = None;
+                let _ = this.recv.stop(PROTOCOL_ERROR);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self.size_hint {
             Some(n) => http_body::SizeHint::with_exact(n),
             None => http_body::SizeHint::default(),
+        }
+    }
+}
+
+impl<G> Drop for StreamBody<G> {
+    fn drop(&mut self) {
+        let complete = match self.state {
+            State::Done | State::Failed(_) => true,
+            // Only the stream's end may follow: read it if it is here, so quinn has nothing
+            // to stop either.
+            State::AfterTrailers => {
+                self.end_in_hand();
+                true
+            }
+            // Dropped between frames: complete if the end is already in hand.
+            State::Header { have: 0, .. } => self.end_in_hand(),
+            _ => false,
+        };
+        if !complete {
+            tracing::debug!("body consumer went away");
+            let _ = self.recv.stop(CANCELLED);
         }
     }
 }
@@ -336,6 +470,220 @@ pub fn from_proto_headers(headers: &[Header]) -> Result<HeaderMap, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A real QUIC connection on loopback (self-signed certificate, no client certificate):
+    /// the framing is what is under test here, not mutual TLS.
+    struct Pair {
+        client: quinn::Connection,
+        server: quinn::Connection,
+        _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    }
+
+    async fn pair() -> Pair {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server_config = quinn::ServerConfig::with_single_cert(vec![der.clone()], key).unwrap();
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client_config = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config);
+        let connecting = client
+            .connect(server.local_addr().unwrap(), "localhost")
+            .unwrap();
+        let (client_conn, server_conn) =
+            tokio::join!(connecting, async { server.accept().await.unwrap().await });
+        Pair {
+            client: client_conn.unwrap(),
+            server: server_conn.unwrap(),
+            _endpoints: (client, server),
+        }
+    }
+
+    /// Sends `bytes` on a new stream (finishing it when asked) and returns both ends.
+    async fn stream(p: &Pair, bytes: &[u8], finish: bool) -> (SendStream, RecvStream) {
+        let (mut send, _) = p.client.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        if finish {
+            send.finish().unwrap();
+        }
+        let (_, recv) = p.server.accept_bi().await.unwrap();
+        (send, recv)
+    }
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = header_bytes(kind, payload.len()).to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn trailers(name: &str, value: &str) -> Vec<u8> {
+        let message = sinew_proto::v1::Trailers {
+            headers: vec![Header {
+                name: name.into(),
+                value: value.as_bytes().to_vec(),
+            }],
+        };
+        frame(TRAILERS, &message.encode_to_vec())
+    }
+
+    /// A guard whose drop the test can see.
+    fn guard() -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        tokio::sync::oneshot::channel()
+    }
+
+    #[tokio::test]
+    async fn a_body_streams_data_and_trailers_and_ends_with_the_stream() {
+        let p = pair().await;
+        let mut bytes = frame(DATA, b"hello");
+        bytes.extend(frame(DATA, b""));
+        bytes.extend(frame(DATA, b" world"));
+        bytes.extend(trailers("grpc-status", "0"));
+        let (_send, recv) = stream(&p, &bytes, true).await;
+        let (keep, mut dropped) = guard();
+        let body = recv_body(recv, Some(11), keep);
+        assert_eq!(body.size_hint().exact(), Some(11));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "hello world");
+        assert!(dropped.try_recv().is_err(), "the guard goes with the body");
+
+        // A body without trailers ends at the stream's end, and its guard is dropped then,
+        // while the body itself is still held.
+        let (_send, recv) = stream(&p, &frame(DATA, b"abc"), true).await;
+        let (keep, mut dropped) = guard();
+        let mut body = recv_body(recv, None, keep);
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, "abc");
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
+        assert_eq!(
+            dropped.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_body_is_an_error_and_stops_the_stream() {
+        let p = pair().await;
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("data after trailers", {
+                let mut b = trailers("x", "1");
+                b.extend(frame(DATA, b"late"));
+                b
+            }),
+            ("a HEAD inside a body", frame(HEAD, b"")),
+            ("a stream ending inside a DATA frame", {
+                let mut b = header_bytes(DATA, 10).to_vec();
+                b.extend_from_slice(b"short");
+                b
+            }),
+            ("a stream ending inside a frame header", vec![DATA, 0, 0]),
+            (
+                "a DATA frame over the limit",
+                header_bytes(DATA, MAX_DATA_LEN as usize + 1).to_vec(),
+            ),
+        ];
+        for (case, bytes) in cases {
+            // Left open unless the case is its end: a stream whose bytes were all delivered
+            // and acknowledged no longer reports a stop to its writer.
+            let finish = case.contains("ending inside");
+            let (send, recv) = stream(&p, &bytes, finish).await;
+            let (keep, mut dropped) = guard();
+            let body = recv_body(recv, None, keep);
+            let err = body.collect().await.err();
+            assert!(err.is_some(), "{case}: must be an error");
+            assert!(dropped.try_recv().is_err(), "{case}: guard dropped");
+            if finish {
+                continue;
+            }
+            let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+                .await
+                .unwrap_or_else(|_| panic!("{case}: the writer never saw a stop"));
+            assert_eq!(stopped.unwrap(), Some(PROTOCOL_ERROR), "{case}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_a_body_midway_stops_the_stream_as_cancelled() {
+        let p = pair().await;
+        // One DATA frame announced as 100 bytes, 10 of them sent, the stream left open.
+        let mut bytes = header_bytes(DATA, 100).to_vec();
+        bytes.extend_from_slice(b"0123456789");
+        let (send, recv) = stream(&p, &bytes, false).await;
+        let (keep, mut dropped) = guard();
+        let mut body = recv_body(recv, None, keep);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "0123456789");
+        assert!(!body.is_end_stream());
+        drop(body);
+        assert!(dropped.try_recv().is_err());
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("the writer sees the stop");
+        assert_eq!(stopped.unwrap(), Some(CANCELLED));
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_dropped_without_polling_its_end_stops_nothing() {
+        let p = pair().await;
+        // What hyper does with a `content-length` body: it takes the last chunk and drops
+        // the body without asking for the end.
+        let (send, recv) = stream(&p, &frame(DATA, b"abc"), true).await;
+        // Let the stream's end arrive (it travels with the data; this only makes it certain).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (keep, mut dropped) = guard();
+        let mut body = recv_body(recv, Some(3), keep);
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, "abc");
+        assert!(body.is_end_stream(), "the end is known with the last chunk");
+        assert!(dropped.try_recv().is_err(), "the guard went at the end");
+        drop(body);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("the stream is acknowledged");
+        assert_eq!(stopped.unwrap(), None, "finished, not stopped");
+
+        // Dropped between frames of a stream that is still open: that is a cancellation.
+        let (send, recv) = stream(&p, &frame(DATA, b"abc"), false).await;
+        let mut body = recv_body(recv, None, ());
+        body.frame().await.unwrap().unwrap();
+        assert!(!body.is_end_stream());
+        drop(body);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .expect("the writer sees the stop");
+        assert_eq!(stopped.unwrap(), Some(CANCELLED));
+    }
+
+    #[tokio::test]
+    async fn data_after_a_head_that_ended_the_stream_is_a_protocol_error() {
+        let p = pair().await;
+        let head = sinew_proto::v1::RequestHead {
+            end_stream: true,
+            ..Default::default()
+        };
+        let mut bytes = frame(HEAD, &head.encode_to_vec());
+        bytes.extend(frame(DATA, b"sneaked in"));
+        let (_send, mut recv) = stream(&p, &bytes, true).await;
+        let read: sinew_proto::v1::RequestHead = read_head(&mut recv).await.unwrap();
+        assert!(read.end_stream);
+        assert!(matches!(end_of_stream(recv), Err(FrameError::Protocol(_))));
+
+        // The well-behaved case: the head, then the end.
+        let (_send, mut recv) = stream(&p, &frame(HEAD, &head.encode_to_vec()), true).await;
+        let _: sinew_proto::v1::RequestHead = read_head(&mut recv).await.unwrap();
+        assert!(end_of_stream(recv).is_ok());
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped_and_end_to_end_kept() {

@@ -13,17 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
-/// A pooled connection is for one address *and* the identity expected there: if the control
-/// plane says another service now lives at an address, the old connection is not reused.
-type PoolKey = (SocketAddr, String);
 
 /// The client half: pooled, mutually authenticated connections to peer sidecars.
 pub struct QuicTransport {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
-    /// One slot per peer address. The std mutex guards only the map (never held across an
+    /// One slot per peer address *and* the identity expected there: if the control plane says
+    /// another service now lives at an address, the old connection is not reused. (Keyed by
+    /// address, then identity, so a request finds its slot without copying the identity.)
+    /// The std mutex guards only the map (never held across an
     /// await); a slot's async mutex makes concurrent first requests share one handshake.
-    pool: Mutex<HashMap<PoolKey, Slot>>,
+    pool: Mutex<HashMap<SocketAddr, Vec<(String, Slot)>>>,
 }
 
 impl QuicTransport {
@@ -39,6 +39,8 @@ impl QuicTransport {
     pub fn connections(&self) -> usize {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.values()
+            .flatten()
+            .map(|(_, slot)| slot)
             .filter(|slot| {
                 slot.try_lock()
                     .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
@@ -54,9 +56,15 @@ impl QuicTransport {
     ) -> Result<Connection, TransportError> {
         let slot = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.entry((target.addr, target.identity.clone()))
-                .or_default()
-                .clone()
+            let slots = pool.entry(target.addr).or_default();
+            match slots.iter().find(|(id, _)| *id == target.identity) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    let slot = Slot::default();
+                    slots.push((target.identity.clone(), slot.clone()));
+                    slot
+                }
+            }
         };
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref()
@@ -117,7 +125,9 @@ impl QuicTransport {
 
     fn evict(&self, target: &Target, conn: &Connection) {
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = pool.get(&(target.addr, target.identity.clone()))
+        if let Some((_, slot)) = pool
+            .get(&target.addr)
+            .and_then(|slots| slots.iter().find(|(id, _)| *id == target.identity))
             && let Ok(mut guard) = slot.try_lock()
             && guard
                 .as_ref()
