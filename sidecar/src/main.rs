@@ -39,10 +39,18 @@ fn init_logging() {
     use tracing_subscriber::prelude::*;
     let default = || Targets::new().with_default(LevelFilter::INFO);
     let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) => spec.parse().unwrap_or_else(|e| {
-            eprintln!("sinew-sidecar: ignoring RUST_LOG={spec:?} ({e}); logging at info");
-            default()
-        }),
+        // Empty entries (`info,`) are skipped: `Targets` would read one as `error`.
+        Ok(spec) => spec
+            .split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+            .parse()
+            .unwrap_or_else(|e| {
+                eprintln!("sinew-sidecar: ignoring RUST_LOG={spec:?} ({e}); logging at info");
+                default()
+            }),
         Err(_) => default(),
     };
     tracing_subscriber::registry()

@@ -144,13 +144,23 @@ pub async fn send_body(mut body: Body, send: &mut SendStream) -> Result<(), Fram
             }
         };
         match frame.into_data() {
-            Ok(data) => write_data(send, data).await?,
+            Ok(data) => {
+                write_data(send, data).await?;
+                // The body knows it has ended (hyper's, by its `content-length`): finish now,
+                // so the stream's end travels with the last DATA frame instead of a packet
+                // later, and the reader knows its body is complete with its last chunk.
+                if http_body::Body::is_end_stream(&body) {
+                    break;
+                }
+            }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let message = sinew_proto::v1::Trailers {
                         headers: to_proto_headers(&trailers, false),
                     };
                     write_message(send, TRAILERS, &message).await?;
+                    // Trailers end a body.
+                    break;
                 }
             }
         }
@@ -323,7 +333,9 @@ impl<G> StreamBody<G> {
     /// body and its end in one packet) makes the body's end known with its last chunk
     /// (`is_end_stream`). A consumer that knows the length (hyper with `content-length`)
     /// drops the body once it has every byte, without polling for the end; knowing it here
-    /// means that drop stops nothing.
+    /// means that drop stops nothing. (When the end comes a packet later, that drop stops the
+    /// stream as cancelled although every byte arrived; `send_body` finishes a stream with
+    /// its last frame so that this stays rare.)
     fn read_ahead(&mut self, cx: &mut Context<'_>) {
         let mut buf = [0; 5];
         self.state = match poll_chunk(&mut self.recv, cx, 5) {
@@ -394,10 +406,19 @@ impl<G> Drop for StreamBody<G> {
     fn drop(&mut self) {
         let complete = match self.state {
             State::Done | State::Failed(_) => true,
-            // Only the stream's end may follow: read it if it is here, so quinn has nothing
-            // to stop either.
+            // Only the stream's end may follow the trailers: data is a protocol error, and an
+            // end not yet in hand is stopped as a cancellation (quinn would stop it with 0).
             State::AfterTrailers => {
-                self.end_in_hand();
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                match poll_chunk(&mut self.recv, &mut cx, 1) {
+                    Poll::Ready(Ok(None)) | Poll::Ready(Err(_)) => {}
+                    Poll::Ready(Ok(Some(_))) => {
+                        let _ = self.recv.stop(PROTOCOL_ERROR);
+                    }
+                    Poll::Pending => {
+                        let _ = self.recv.stop(CANCELLED);
+                    }
+                }
                 true
             }
             // Dropped between frames: complete if the end is already in hand.
@@ -555,7 +576,11 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "hello world");
-        assert!(dropped.try_recv().is_err(), "the guard goes with the body");
+        assert_eq!(
+            dropped.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+            "the guard goes with the body"
+        );
 
         // A body without trailers ends at the stream's end, and its guard is dropped then,
         // while the body itself is still held.
@@ -602,7 +627,11 @@ mod tests {
             let body = recv_body(recv, None, keep);
             let err = body.collect().await.err();
             assert!(err.is_some(), "{case}: must be an error");
-            assert!(dropped.try_recv().is_err(), "{case}: guard dropped");
+            assert_eq!(
+                dropped.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+                "{case}: guard dropped"
+            );
             if finish {
                 continue;
             }
@@ -626,7 +655,10 @@ mod tests {
         assert_eq!(first, "0123456789");
         assert!(!body.is_end_stream());
         drop(body);
-        assert!(dropped.try_recv().is_err());
+        assert_eq!(
+            dropped.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        );
         let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
             .await
             .expect("the writer sees the stop");
@@ -646,7 +678,11 @@ mod tests {
         let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(data, "abc");
         assert!(body.is_end_stream(), "the end is known with the last chunk");
-        assert!(dropped.try_recv().is_err(), "the guard went at the end");
+        assert_eq!(
+            dropped.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+            "the guard went at the end"
+        );
         drop(body);
         let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
             .await
@@ -663,6 +699,41 @@ mod tests {
             .await
             .expect("the writer sees the stop");
         assert_eq!(stopped.unwrap(), Some(CANCELLED));
+    }
+
+    /// One data frame, after which the body says it has ended but never yields `None`
+    /// (as a body that knows its length may be dropped, not polled, after its last byte).
+    struct KnowsItsEnd(Option<Bytes>);
+
+    impl http_body::Body for KnowsItsEnd {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Pending,
+            }
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_none()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sent_body_finishes_the_stream_with_its_last_frame() {
+        let p = pair().await;
+        let (mut send, _) = p.client.open_bi().await.unwrap();
+        let body = KnowsItsEnd(Some(Bytes::from_static(b"abc"))).boxed();
+        tokio::time::timeout(Duration::from_secs(5), send_body(body, &mut send))
+            .await
+            .expect("finished without waiting for a None")
+            .unwrap();
+        let (_, recv) = p.server.accept_bi().await.unwrap();
+        let body = recv_body(recv, None, ()).collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "abc");
     }
 
     #[tokio::test]
