@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod policy;
 
 /// Generated from `proto/sinew/mesh/v1`.

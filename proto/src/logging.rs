@@ -1,0 +1,56 @@
+//! Logging set-up shared by the two binaries (`sinew-sidecar`, `sinew-control`), behind the
+//! `logging` feature so the wire contract's other users do not build a log subscriber.
+
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+
+/// Logs to stderr, filtered by `RUST_LOG` as `level` or `target=level,...` (default `info`).
+/// A `Targets` filter, not `EnvFilter`: no regex engine in the binary for a log filter. A
+/// spec that does not parse is reported (as `binary`) and `info` used.
+pub fn init(binary: &str) {
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => parse(&spec).unwrap_or_else(|e| {
+            eprintln!("{binary}: ignoring RUST_LOG={spec:?} ({e}); logging at info");
+            default()
+        }),
+        Err(_) => default(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}
+
+/// Empty entries (`info,`) are skipped: `Targets` would read one as `error`.
+fn parse(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_forms_the_repo_uses_parse_and_empty_entries_are_skipped() {
+        let with_empty = parse("info, ,sinew_sidecar=debug,").unwrap();
+        assert_eq!(with_empty, parse("info,sinew_sidecar=debug").unwrap());
+        assert_eq!(
+            with_empty.default_level(),
+            Some(LevelFilter::INFO),
+            "an empty entry must not become `error`"
+        );
+        assert!(with_empty.would_enable("sinew_sidecar::outbound", &tracing::Level::DEBUG));
+        assert!(!with_empty.would_enable("quinn", &tracing::Level::DEBUG));
+        assert_eq!(
+            parse("warn").unwrap().default_level(),
+            Some(LevelFilter::WARN)
+        );
+        assert!(parse("sinew=loud").is_err());
+    }
+}
