@@ -191,7 +191,8 @@ pub fn end_of_stream(mut recv: RecvStream) -> Result<(), FrameError> {
 /// Turns the rest of a stream (DATA*, TRAILERS?) into an HTTP body that reads the stream
 /// itself when polled: no task and no channel, so a consumer that writes what it polls (hyper
 /// writing a response) finds a body chunk that is already in hand in the same poll as the head,
-/// and writes both with one system call. Nothing is read ahead of the consumer. When the
+/// and writes both with one system call. Nothing is read ahead of the consumer but the next
+/// frame's header, right after a DATA frame ([`StreamBody::read_ahead`]). When the
 /// consumer drops the body before its end, the stream is stopped at once (the peer sees a
 /// cancellation). `guard` is dropped when the body ends, however it ends: the caller ties the
 /// other direction's lifetime to it.
@@ -355,13 +356,10 @@ impl<G> StreamBody<G> {
         };
     }
 
-    /// True when the stream's end is already in hand (and is now read), without waiting.
-    fn end_in_hand(&mut self) -> bool {
+    /// Polls the stream once without a waker: what is already in hand, if anything.
+    fn poll_now(&mut self, max: usize) -> Poll<Result<Option<Bytes>, quinn::ReadError>> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        matches!(
-            poll_chunk(&mut self.recv, &mut cx, 1),
-            Poll::Ready(Ok(None))
-        )
+        poll_chunk(&mut self.recv, &mut cx, max)
     }
 }
 
@@ -409,8 +407,7 @@ impl<G> Drop for StreamBody<G> {
             // Only the stream's end may follow the trailers: data is a protocol error, and an
             // end not yet in hand is stopped as a cancellation (quinn would stop it with 0).
             State::AfterTrailers => {
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                match poll_chunk(&mut self.recv, &mut cx, 1) {
+                match self.poll_now(1) {
                     Poll::Ready(Ok(None)) | Poll::Ready(Err(_)) => {}
                     Poll::Ready(Ok(Some(_))) => {
                         let _ = self.recv.stop(PROTOCOL_ERROR);
@@ -422,7 +419,7 @@ impl<G> Drop for StreamBody<G> {
                 true
             }
             // Dropped between frames: complete if the end is already in hand.
-            State::Header { have: 0, .. } => self.end_in_hand(),
+            State::Header { have: 0, .. } => matches!(self.poll_now(1), Poll::Ready(Ok(None))),
             _ => false,
         };
         if !complete {
