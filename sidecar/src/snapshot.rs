@@ -455,16 +455,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pick_spreads_over_endpoints_skips_tried_ones_and_state_survives_updates() {
-        let s = Snapshot::default()
+    /// Version 1: the service `orders` on 127.0.0.1:1 and :2.
+    fn orders_on_two_endpoints() -> Snapshot {
+        Snapshot::default()
             .apply(&update(
                 1,
                 true,
                 vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
                 &[],
             ))
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn pick_spreads_over_endpoints_skips_tried_ones_and_state_survives_updates() {
+        let s = orders_on_two_endpoints();
         let orders = &s.services["orders"];
         let now = Instant::now();
         let mut seen = std::collections::HashSet::new();
@@ -504,14 +509,7 @@ mod tests {
 
     #[test]
     fn a_down_endpoint_is_skipped_redialed_once_per_wait_and_tried_when_all_are_down() {
-        let s = Snapshot::default()
-            .apply(&update(
-                1,
-                true,
-                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
-                &[],
-            ))
-            .unwrap();
+        let s = orders_on_two_endpoints();
         let orders = &s.services["orders"];
         let t0 = Instant::now();
         assert!(orders.endpoints[0].state.connect_failed(t0), "newly down");
@@ -533,14 +531,7 @@ mod tests {
 
     #[test]
     fn an_ejected_endpoint_is_left_out_then_probed_once_and_the_scan_runs_only_while_one_is() {
-        let s = Snapshot::default()
-            .apply(&update(
-                1,
-                true,
-                vec![resource("orders", &["127.0.0.1:1", "127.0.0.1:2"])],
-                &[],
-            ))
-            .unwrap();
+        let s = orders_on_two_endpoints();
         let orders = &s.services["orders"];
         let policy = orders.policy.outlier.clone();
         let t0 = Instant::now();
