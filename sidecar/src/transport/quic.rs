@@ -20,9 +20,9 @@ pub struct QuicTransport {
     config: quinn::ClientConfig,
     /// One slot per peer address *and* the identity expected there: if the control plane says
     /// another service now lives at an address, the old connection is not reused. (Keyed by
-    /// address, then identity, so a request finds its slot without copying the identity.)
-    /// The std mutex guards only the map (never held across an
-    /// await); a slot's async mutex makes concurrent first requests share one handshake.
+    /// address, then identity, so a request finds its slot without copying the identity.) The
+    /// std mutex guards only the map (never held across an await); a slot's async mutex makes
+    /// concurrent first requests share one handshake.
     pool: Mutex<HashMap<SocketAddr, Vec<(String, Slot)>>>,
 }
 
