@@ -164,7 +164,14 @@ async fn quickstart(through_nats: bool) {
     signal(up.id(), libc::SIGINT);
     let status = up.wait().unwrap();
     assert!(status.success(), "sinewctl up exited with {status:?}");
-    let rest: Vec<String> = rx.try_iter().collect();
+    // The reader thread may still hold the last lines when `up` has exited: read until it
+    // sees the end of the output (the channel closes), bounded in time.
+    let mut rest = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(line) = rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+    {
+        rest.push(line);
+    }
     assert!(rest.contains(&"mesh stopped".to_string()), "{rest:?}");
     for pid in pids {
         assert!(
