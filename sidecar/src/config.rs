@@ -107,6 +107,18 @@ pub struct Args {
     /// Time one health check may take.
     #[arg(long, env = "SINEW_HEALTH_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub health_timeout: Duration,
+    /// How long a peer may take to send a request's head on a new stream; a stream still
+    /// without its head then is reset (a stalled or slowloris peer holds nothing for long).
+    #[arg(long, env = "SINEW_INBOUND_HEAD_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub inbound_head_timeout: Duration,
+    /// Streams (requests) one peer connection may have open at once; past it QUIC flow
+    /// control makes the peer wait before opening more.
+    #[arg(long, env = "SINEW_INBOUND_MAX_STREAMS", default_value_t = 1024)]
+    pub inbound_max_streams: u32,
+    /// Requests from the mesh in flight to the app at once, all peers together; past it the
+    /// sidecar refuses at once with 503 `overloaded` (callers try another instance).
+    #[arg(long, env = "SINEW_INBOUND_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub inbound_max_in_flight: usize,
     /// Passing checks in a row that bring an unhealthy app back.
     #[arg(long, env = "SINEW_HEALTHY_THRESHOLD", default_value_t = 1)]
     pub healthy_threshold: u32,
@@ -147,6 +159,25 @@ pub struct Config {
     pub nats: Option<crate::events::NatsConfig>,
     /// Active health checks of the app; `None` without `--health-http`/`--health-grpc`.
     pub health: Option<HealthConfig>,
+    pub inbound_limits: InboundLimits,
+}
+
+/// What one peer, or all of them, may hold of the inbound at once.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundLimits {
+    pub head_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    pub max_in_flight: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            head_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 1024,
+            max_in_flight: 4096,
+        }
+    }
 }
 
 impl Args {
@@ -200,6 +231,15 @@ impl Args {
                 })
             }
         };
+        if self.inbound_head_timeout.is_zero()
+            || self.inbound_max_streams == 0
+            || self.inbound_max_in_flight == 0
+        {
+            return Err(
+                "--inbound-head-timeout, --inbound-max-streams and --inbound-max-in-flight must be above 0"
+                    .into(),
+            );
+        }
         if self.control.iter().all(|c| c.trim().is_empty()) {
             return Err("--control: at least one control-plane address is required".into());
         }
@@ -233,6 +273,11 @@ impl Args {
             },
             nats,
             health,
+            inbound_limits: InboundLimits {
+                head_timeout: self.inbound_head_timeout,
+                max_streams_per_connection: self.inbound_max_streams,
+                max_in_flight: self.inbound_max_in_flight,
+            },
         })
     }
 }

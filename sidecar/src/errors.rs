@@ -44,6 +44,16 @@ pub enum MeshError {
     PendingFull { service: String, max: usize },
     #[error("unhealthy: this instance of `{0}` fails its health checks")]
     Unhealthy(String),
+    #[error(
+        "request header too large: the request head is {len} bytes encoded, the mesh carries at most {max}"
+    )]
+    HeaderTooLarge { len: usize, max: usize },
+    #[error(
+        "response header too large: the app's response head is {len} bytes encoded, the mesh carries at most {max}"
+    )]
+    ResponseHeaderTooLarge { len: usize, max: usize },
+    #[error("overloaded: {max} requests from the mesh are already in flight to this app")]
+    InboundOverloaded { max: usize },
 }
 
 impl MeshError {
@@ -55,15 +65,18 @@ impl MeshError {
             | MeshError::NotReady
             | MeshError::Overloaded { .. }
             | MeshError::PendingFull { .. }
-            | MeshError::Unhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::Unhealthy(_)
+            | MeshError::InboundOverloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::ConnectFailure(_)
             | MeshError::PeerRefused(_)
             | MeshError::UpstreamReset(_)
-            | MeshError::AppUnreachable(_) => StatusCode::BAD_GATEWAY,
+            | MeshError::AppUnreachable(_)
+            | MeshError::ResponseHeaderTooLarge { .. } => StatusCode::BAD_GATEWAY,
             MeshError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             MeshError::Forbidden { .. } => StatusCode::FORBIDDEN,
             MeshError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             MeshError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            MeshError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -82,8 +95,12 @@ impl MeshError {
             MeshError::AppUnreachable(_) => "app-unreachable",
             MeshError::Unsupported(_) => "unsupported",
             MeshError::NotReady => "not-ready",
-            MeshError::Overloaded { .. } | MeshError::PendingFull { .. } => "overloaded",
+            MeshError::Overloaded { .. }
+            | MeshError::PendingFull { .. }
+            | MeshError::InboundOverloaded { .. } => "overloaded",
             MeshError::Unhealthy(_) => "unhealthy",
+            MeshError::HeaderTooLarge { .. } => "header-too-large",
+            MeshError::ResponseHeaderTooLarge { .. } => "response-header-too-large",
         }
     }
 
@@ -100,6 +117,20 @@ impl MeshError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        response
+    }
+
+    /// This sidecar's answer to a request from the mesh, marked so the transport carries it
+    /// in the response head's framing: `refused` when the app saw nothing of the request.
+    pub fn into_mesh_answer(self, refused: bool) -> Response<Body> {
+        let reason = self.reason();
+        let mut response = self.into_response();
+        response
+            .extensions_mut()
+            .insert(crate::transport::SidecarAnswer {
+                reason: reason.into(),
+                refused,
+            });
         response
     }
 }

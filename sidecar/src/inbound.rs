@@ -2,13 +2,24 @@
 //! (rustls refuses everyone else during the handshake), reads the caller's SPIFFE id once
 //! per connection, and serves each stream top to bottom:
 //!
-//! 1. read the request head (a framing error resets the stream);
-//! 2. check it is for this service, and that the caller is allowed (`allow` policy);
+//! 1. read the request head within `--inbound-head-timeout` (a framing error or a stalled
+//!    head resets the stream; a head's memory grows only as its bytes arrive);
+//! 2. check it is for this service, that the app is healthy, that the caller is allowed
+//!    (`allow` policy), and that fewer than `--inbound-max-in-flight` requests are with the
+//!    app: each refusal here is the sidecar's own, and says so in the response head's
+//!    framing (`sidecar_error`, `refused`), so the caller may safely try another instance;
 //! 3. replace any caller claim with the verified identity (`sinew-caller`);
 //! 4. forward to the app over a pooled hyper client;
-//! 5. stream the response back, and record metrics labelled with the caller.
+//! 5. stream the response back, and record metrics labelled with the caller. The app's own
+//!    `sinew-error` header is dropped (the name is the mesh's: a caller must be able to
+//!    trust it names a failure of its mesh hop), and a response head the framing cannot carry
+//!    becomes 502 `response-header-too-large`.
+//!
+//! A peer connection may hold `--inbound-max-streams` streams at once (QUIC flow control
+//! makes it wait past that), so one peer cannot hold the inbound's every slot with stalled
+//! heads.
 
-use crate::config::AppProtocol;
+use crate::config::{AppProtocol, InboundLimits};
 use crate::errors::MeshError;
 use crate::outbound::CALLER_HEADER;
 use crate::state::Shared;
@@ -27,11 +38,20 @@ pub struct Inbound {
     shared: Arc<Shared>,
     app_addr: SocketAddr,
     app: Client<HttpConnector, Body>,
+    /// Streams being served (read, answered, or streaming their answer).
     in_flight: AtomicUsize,
+    /// Requests admitted to the app and not yet answered in full.
+    admitted: AtomicUsize,
+    limits: InboundLimits,
 }
 
 impl Inbound {
-    pub fn new(shared: Arc<Shared>, app_addr: SocketAddr, protocol: AppProtocol) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        app_addr: SocketAddr,
+        protocol: AppProtocol,
+        limits: InboundLimits,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -47,6 +67,8 @@ impl Inbound {
             app_addr,
             app: builder.build(connector),
             in_flight: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            limits,
         }
     }
 
@@ -90,27 +112,49 @@ impl Inbound {
         let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         let caller_service = tls::service_of(&caller).unwrap_or("unknown").to_string();
-        let (authority, request) = match quic::read_request(recv).await {
-            Ok(head) => head,
-            Err(e) => {
+        let read = tokio::time::timeout(self.limits.head_timeout, quic::read_request(recv));
+        let (authority, request) = match read.await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
                 tracing::debug!("bad request stream from {caller}: {e}");
                 let _ = send.reset(frame::PROTOCOL_ERROR);
                 return;
             }
+            Err(_) => {
+                // Dropping the read stops the receiving side as well.
+                metrics::counter!("sinew_inbound_head_timeouts_total").increment(1);
+                tracing::debug!(
+                    "no request head from {caller} within {:?}",
+                    self.limits.head_timeout
+                );
+                let _ = send.reset(frame::TIMED_OUT);
+                return;
+            }
         };
+        let admitted = Admitted::enter(&self.admitted, self.limits.max_in_flight);
         // The caller stopping the response (it timed out, its client went away) cancels the
         // app request, even while the app is silent: dropping the futures below drops it.
         let stopped = send.stopped();
         tokio::pin!(stopped);
         let response = tokio::select! {
-            result = self.to_app(&caller, &authority, request) => result.unwrap_or_else(|e| {
-                tracing::debug!("inbound from {caller}: {e}");
-                e.into_response()
-            }),
+            response = self.to_app(&caller, &authority, request, admitted.is_some()) => response,
             _ = &mut stopped => {
                 cancelled(&caller, "before the app answered");
                 return;
             }
+        };
+        let response = quic::OutgoingResponse::new(response).or_else(|len| {
+            metrics::counter!("sinew_inbound_response_head_too_large_total").increment(1);
+            let error = MeshError::ResponseHeaderTooLarge {
+                len,
+                max: frame::MAX_HEAD_LEN as usize,
+            };
+            tracing::info!("answer of the app to {caller}: {error}");
+            quic::OutgoingResponse::new(error.into_mesh_answer(false))
+        });
+        let Ok(response) = response else {
+            let _ = send.reset(frame::PROTOCOL_ERROR);
+            return;
         };
         crate::admin::record_request(
             crate::admin::Direction::Inbound,
@@ -119,7 +163,7 @@ impl Inbound {
             started.elapsed(),
         );
         tokio::select! {
-            result = quic::write_response(&mut send, response) => match result {
+            result = response.write(&mut send) => match result {
                 Ok(()) => {}
                 // The caller stopped reading; writing noticed before `stopped` did.
                 Err(frame::FrameError::Write(quinn::WriteError::Stopped(_))) => {
@@ -129,14 +173,44 @@ impl Inbound {
             },
             _ = &mut stopped => cancelled(&caller, "while the response streamed"),
         }
+        drop(admitted);
     }
 
+    /// The app's answer, or this sidecar's own (marked for the framing,
+    /// [`MeshError::into_mesh_answer`]): a refusal before the app saw anything, or a failure
+    /// to reach the app.
     async fn to_app(
         &self,
         caller: &str,
         authority: &str,
         request: Request<Body>,
-    ) -> Result<Response<Body>, MeshError> {
+        admitted: bool,
+    ) -> Response<Body> {
+        if let Err(refusal) = self.admit(caller, authority, admitted) {
+            tracing::debug!("inbound from {caller}: {refusal}");
+            return refusal.into_mesh_answer(true);
+        }
+        match self.forward(authority, Some(caller), request).await {
+            Ok(mut response) => {
+                if response
+                    .headers_mut()
+                    .remove(crate::errors::HEADER)
+                    .is_some()
+                {
+                    metrics::counter!("sinew_inbound_app_error_headers_dropped_total").increment(1);
+                }
+                response
+            }
+            Err(e) => {
+                tracing::debug!("inbound from {caller}: {e}");
+                e.into_mesh_answer(false)
+            }
+        }
+    }
+
+    /// Whether this sidecar takes the request to its app: it serves that service, its app is
+    /// healthy, it has configuration, the caller is allowed, and the app has room.
+    fn admit(&self, caller: &str, authority: &str, room: bool) -> Result<(), MeshError> {
         let me = &self.shared.service;
         if authority != me {
             return Err(MeshError::Misdirected {
@@ -166,7 +240,13 @@ impl Inbound {
                 });
             }
         }
-        self.forward(authority, Some(caller), request).await
+        if !room {
+            metrics::counter!("sinew_inbound_overloaded_total").increment(1);
+            return Err(MeshError::InboundOverloaded {
+                max: self.limits.max_in_flight,
+            });
+        }
+        Ok(())
     }
 
     /// Hands an event pulled from NATS JetStream (`--events-backend nats`) to the app: the
@@ -227,6 +307,26 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn cancelled(caller: &str, when: &str) {
     tracing::debug!("{caller} cancelled a request {when}");
     metrics::counter!("sinew_inbound_cancelled_total").increment(1);
+}
+
+/// A request admitted to the app, counted until dropped; `None` when `max` are already in.
+struct Admitted<'a>(&'a AtomicUsize);
+
+impl<'a> Admitted<'a> {
+    fn enter(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admitted(counter))
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a request as in flight until dropped, however the request ends.

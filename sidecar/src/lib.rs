@@ -124,7 +124,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         id = identity::obtain(&config) => id?,
         _ = state::shutdown_begun(&mut shutdown_rx) => return Ok(()),
     };
-    endpoint.set_server_config(Some(tls::server_config(&identity)?));
+    endpoint.set_server_config(Some(tls::server_config(
+        &identity,
+        config.inbound_limits.max_streams_per_connection,
+    )?));
     let transport = Arc::new(QuicTransport::new(
         endpoint.clone(),
         tls::client_config(&identity)?,
@@ -135,6 +138,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shared.clone(),
         config.app_addr,
         config.app_protocol,
+        config.inbound_limits,
     ));
     tokio::spawn(inbound.clone().serve(endpoint.clone()));
     let outbound = Arc::new(outbound::Outbound::new(shared.clone(), transport));

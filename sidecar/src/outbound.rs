@@ -18,7 +18,7 @@ use crate::errors::MeshError;
 use crate::resilience::{Permit, Replay};
 use crate::snapshot::{Endpoint, Service};
 use crate::state::Shared;
-use crate::transport::{Body, BoxError, Transport, TransportError};
+use crate::transport::{Body, BoxError, SidecarAnswer, Transport, TransportError};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use http::{Method, Request, Response, Uri};
@@ -103,6 +103,15 @@ impl<T: Transport> Outbound<T> {
                 )
             })?;
         let failed = |e| (e, service.name.clone());
+        // A head no peer would accept is refused before any try: the caller's error, which
+        // must never count against an endpoint.
+        let (parts, body) = request.into_parts();
+        if let Err((len, max)) = self.transport.check_head(&parts) {
+            metrics::counter!("sinew_request_head_too_large_total", "peer" => service.name.clone())
+                .increment(1);
+            return Err(failed(MeshError::HeaderTooLarge { len, max }));
+        }
+        let request = Request::from_parts(parts, body);
         // Admission: fail fast past the limit; the permit lives as long as the response body.
         let permit = service.state.limit.try_acquire().map_err(|_| {
             metrics::counter!("sinew_overloaded_total", "peer" => service.name.clone())
@@ -371,7 +380,7 @@ impl<T: Transport> Outbound<T> {
             Ok(Ok(response)) => {
                 endpoint.state.connected();
                 service.state.latencies.record(rtt, done);
-                let ok = !response.status().is_server_error();
+                let ok = !endpoint_failed(&response);
                 if endpoint.state.record(ok, Some(rtt), done, &policy.outlier) {
                     ejected(peer, endpoint);
                 }
@@ -382,6 +391,16 @@ impl<T: Transport> Outbound<T> {
                 } else {
                     Verdict::Done(response)
                 }
+            }
+            // Neither is the endpoint's failure: a head the framing cannot carry is the
+            // caller's (request) or the answering app's (response) doing.
+            Ok(Err(TransportError::RequestHeadTooLarge { len, max })) => {
+                endpoint.state.connected();
+                Verdict::Failed(MeshError::HeaderTooLarge { len, max })
+            }
+            Ok(Err(TransportError::ResponseHeadTooLarge { len, max, .. })) => {
+                endpoint.state.connected();
+                Verdict::Failed(MeshError::ResponseHeaderTooLarge { len, max })
             }
             Ok(Err(e)) => {
                 if e.is_connect_failure() {
@@ -399,7 +418,7 @@ impl<T: Transport> Outbound<T> {
                 let error = match e {
                     TransportError::Connect { .. } => MeshError::ConnectFailure(e.to_string()),
                     TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
-                    TransportError::Reset { .. } => MeshError::UpstreamReset(e.to_string()),
+                    _ => MeshError::UpstreamReset(e.to_string()),
                 };
                 if endpoint.state.record(false, None, done, &policy.outlier) {
                     ejected(peer, endpoint);
@@ -574,18 +593,31 @@ impl http_body::Body for HoldingBody {
     }
 }
 
-/// Whether the peer's sidecar refused the request before its app saw it (its app fails
-/// health checks, it has no configuration yet, or it serves another service): like a connect
-/// failure, safe to retry elsewhere for any method.
+/// Whether the peer's sidecar refused the request before its app saw it, for a reason another
+/// instance may not share (its app fails health checks, it has no configuration yet, it
+/// serves another service, its app is at its in-flight limit): like a connect failure, safe to
+/// retry elsewhere for any method. Told by the framing alone ([`Refused`], from the response
+/// head): an app's headers can never make the caller send a request twice.
 fn refused_before_the_app<B>(response: &Response<B>) -> bool {
     response
-        .headers()
-        .get(crate::errors::HEADER)
-        .is_some_and(|reason| {
-            ["unhealthy", "not-ready", "misdirected"]
-                .iter()
-                .any(|r| reason.as_bytes() == r.as_bytes())
+        .extensions()
+        .get::<SidecarAnswer>()
+        .is_some_and(|answer| {
+            answer.refused
+                && ["unhealthy", "not-ready", "misdirected", "overloaded"]
+                    .contains(&answer.reason.as_str())
         })
+}
+
+/// Whether an answer counts as the endpoint failing, for outlier detection: a 5xx, unless
+/// the peer's sidecar says the instance is fine and its app answered something the mesh
+/// cannot carry (a head over the framing's limit: the app's bug, the same on every instance).
+fn endpoint_failed<B>(response: &Response<B>) -> bool {
+    response.status().is_server_error()
+        && response
+            .extensions()
+            .get::<SidecarAnswer>()
+            .is_none_or(|answer| answer.reason != "response-header-too-large")
 }
 
 /// Whether an answer is one the policy retries: a listed status code, or gRPC UNAVAILABLE
@@ -759,17 +791,60 @@ mod tests {
 
     #[test]
     fn refusals_of_the_peer_sidecar_are_told_from_answers_of_its_app() {
-        let answer = |reason: Option<&str>| {
+        // A refusal is what the framing says, whatever the headers say.
+        let answer = |refused: Option<&str>, header: Option<&str>| {
             let mut response = Response::builder().status(503);
-            if let Some(reason) = reason {
+            if let Some(reason) = header {
                 response = response.header(crate::errors::HEADER, reason);
             }
-            response.body(()).unwrap()
+            let mut response = response.body(()).unwrap();
+            if let Some(reason) = refused {
+                response.extensions_mut().insert(SidecarAnswer {
+                    reason: reason.into(),
+                    refused: true,
+                });
+            }
+            response
         };
-        assert!(refused_before_the_app(&answer(Some("unhealthy"))));
-        assert!(refused_before_the_app(&answer(Some("not-ready"))));
-        assert!(refused_before_the_app(&answer(Some("misdirected"))));
-        assert!(!refused_before_the_app(&answer(Some("app-unreachable"))));
-        assert!(!refused_before_the_app(&answer(None)));
+        for reason in ["unhealthy", "not-ready", "misdirected", "overloaded"] {
+            assert!(refused_before_the_app(&answer(Some(reason), Some(reason))));
+            assert!(refused_before_the_app(&answer(Some(reason), None)));
+            // An app's own header is not a refusal: the app may have done the work.
+            assert!(
+                !refused_before_the_app(&answer(None, Some(reason))),
+                "{reason}"
+            );
+        }
+        // Refused, but another instance would refuse it too.
+        assert!(!refused_before_the_app(&answer(Some("forbidden"), None)));
+        assert!(!refused_before_the_app(&answer(None, None)));
+        // The sidecar answered, but after its app saw the request.
+        let mut reached = answer(None, None);
+        reached.extensions_mut().insert(SidecarAnswer {
+            reason: "unhealthy".into(),
+            refused: false,
+        });
+        assert!(!refused_before_the_app(&reached));
+    }
+
+    #[test]
+    fn a_head_the_mesh_cannot_carry_is_not_the_endpoint_failing() {
+        let answer = |status: u16, reason: Option<&str>| {
+            let mut response = Response::builder().status(status).body(()).unwrap();
+            if let Some(reason) = reason {
+                response.extensions_mut().insert(SidecarAnswer {
+                    reason: reason.into(),
+                    refused: false,
+                });
+            }
+            response
+        };
+        assert!(endpoint_failed(&answer(502, None)));
+        assert!(endpoint_failed(&answer(502, Some("app-unreachable"))));
+        assert!(!endpoint_failed(&answer(
+            502,
+            Some("response-header-too-large")
+        )));
+        assert!(!endpoint_failed(&answer(200, None)));
     }
 }

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The gRPC service the tests call through the mesh.
+pub mod quic;
+
 pub mod echo {
     #![allow(clippy::all)]
     tonic::include_proto!("sinew.test.v1");

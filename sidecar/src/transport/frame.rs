@@ -28,6 +28,8 @@ const MAX_WRITE_CHUNK: usize = 256 * 1024;
 pub const CANCELLED: VarInt = VarInt::from_u32(1);
 pub const BODY_ERROR: VarInt = VarInt::from_u32(2);
 pub const PROTOCOL_ERROR: VarInt = VarInt::from_u32(3);
+/// The request head did not arrive in time.
+pub const TIMED_OUT: VarInt = VarInt::from_u32(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -39,6 +41,9 @@ pub enum FrameError {
     Write(#[from] quinn::WriteError),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A frame longer than its type's limit: refused before any of its payload is read.
+    #[error("frame type {kind} of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { kind: u8, len: u32, limit: u32 },
 }
 
 fn header_bytes(kind: u8, len: usize) -> [u8; 5] {
@@ -100,24 +105,49 @@ fn parse_frame_header(header: &[u8; 5]) -> Result<(u8, u32), FrameError> {
         MAX_HEAD_LEN
     };
     if len > limit {
-        return Err(FrameError::Protocol(format!(
-            "frame type {} of {len} bytes exceeds the limit of {limit}",
-            header[0]
-        )));
+        return Err(FrameError::TooLarge {
+            kind: header[0],
+            len,
+            limit,
+        });
     }
     Ok((header[0], len))
 }
 
-/// Reads a whole (small) frame payload.
+/// Reads a whole (small) frame payload. Memory grows only as its bytes arrive: a peer that
+/// announces a large frame and sends little of it holds little (a stalled head costs what it
+/// sent, not what it announced).
 pub async fn read_payload(recv: &mut RecvStream, len: u32) -> Result<Bytes, FrameError> {
-    let mut buf = vec![0u8; len as usize];
-    recv.read_exact(&mut buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => {
-            FrameError::Protocol("stream ended inside a frame".into())
+    let len = len as usize;
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut have = 0;
+    while have < len {
+        let Some(chunk) = recv.read_chunk(len - have, true).await? else {
+            return Err(FrameError::Protocol("stream ended inside a frame".into()));
+        };
+        have += chunk.bytes.len();
+        // The usual case, a whole payload in one chunk, is taken without a copy.
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk.bytes),
+            Some(earlier) => {
+                buf.extend_from_slice(&earlier);
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            None => buf.extend_from_slice(&chunk.bytes),
         }
-        quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
-    })?;
-    Ok(Bytes::from(buf))
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// The encoded length of a HEAD frame's payload, and whether the framing carries it.
+pub fn check_head_len(message: &impl Message) -> Result<usize, usize> {
+    let len = message.encoded_len();
+    if len <= MAX_HEAD_LEN as usize {
+        Ok(len)
+    } else {
+        Err(len)
+    }
 }
 
 /// Reads the HEAD frame that must open every stream.

@@ -17,6 +17,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on every internal edge: streaming, trailers allowed.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// A response extension: the answering sidecar produced this answer itself, not its app, for
+/// this `sinew-error` reason; `refused` when its app saw nothing of the request. Set by the
+/// inbound on its own answers; carried in the response head's framing
+/// (`ResponseHead.sidecar_error`, `refused`), so the caller can tell it from an app's answer
+/// whatever headers the app sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarAnswer {
+    pub reason: String,
+    pub refused: bool,
+}
+
 /// One instance of a service, as the transport reaches it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -39,6 +50,18 @@ pub enum TransportError {
     /// The stream or connection broke after the request was sent.
     #[error("stream to {addr} failed: {detail}")]
     Reset { addr: SocketAddr, detail: String },
+    /// The request head is larger than the framing carries: nothing was sent. The caller's
+    /// error, not the peer's.
+    #[error("request head of {len} bytes exceeds the mesh's limit of {max}")]
+    RequestHeadTooLarge { len: usize, max: usize },
+    /// The peer's answer had a head larger than the framing carries. The answering app's
+    /// doing (its sidecar should have refused it), not a failure of the peer's instance.
+    #[error("response head of {len} bytes from {addr} exceeds the mesh's limit of {max}")]
+    ResponseHeadTooLarge {
+        addr: SocketAddr,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl TransportError {
@@ -58,4 +81,11 @@ pub trait Transport: Send + Sync + 'static {
         target: &Target,
         request: http::Request<Body>,
     ) -> impl std::future::Future<Output = Result<http::Response<Body>, TransportError>> + Send;
+
+    /// Whether a request's head fits the transport's framing: `Err((encoded length, limit))`
+    /// when it does not. The outbound asks before any try, so a head no peer would accept is
+    /// the caller's error (431), never a failure of an endpoint.
+    fn check_head(&self, _parts: &http::request::Parts) -> Result<(), (usize, usize)> {
+        Ok(())
+    }
 }

@@ -146,23 +146,19 @@ impl QuicTransport {
         request: Request<Body>,
     ) -> Result<Response<Body>, TransportError> {
         let addr = target.addr;
+        let (parts, body) = request.into_parts();
+        let end_stream = http_body::Body::is_end_stream(&body);
+        let head = request_head(&parts, end_stream);
+        // A head the framing cannot carry is the caller's error: refused before a stream is
+        // opened, so the peer never sees it and never counts as failing.
+        frame::check_head_len(&head).map_err(|len| TransportError::RequestHeadTooLarge {
+            len,
+            max: frame::MAX_HEAD_LEN as usize,
+        })?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TransportError::Connect {
             addr,
             detail: e.to_string(),
         })?;
-        let (parts, body) = request.into_parts();
-        let end_stream = http_body::Body::is_end_stream(&body);
-        let head = RequestHead {
-            method: parts.method.as_str().to_string(),
-            authority: parts.uri.host().unwrap_or_default().to_string(),
-            path: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string(),
-            headers: frame::to_proto_headers(&parts.headers, true),
-            end_stream,
-        };
         frame::write_message(&mut send, frame::HEAD, &head)
             .await
             .map_err(|e| classify(addr, e))?;
@@ -194,13 +190,18 @@ impl QuicTransport {
             .await
             .map_err(|e| classify(addr, e))?;
         let mut response = Response::new(Body::default());
-        *response.status_mut() =
-            http::StatusCode::from_u16(head.status as u16).map_err(|_| TransportError::Reset {
-                addr,
-                detail: format!("peer sent status {}", head.status),
-            })?;
+        *response.status_mut() = status(head.status).map_err(|detail| {
+            let _ = recv.stop(frame::PROTOCOL_ERROR);
+            TransportError::Reset { addr, detail }
+        })?;
         *response.headers_mut() = frame::from_proto_headers(&head.headers)
             .map_err(|detail| TransportError::Reset { addr, detail })?;
+        if !head.sidecar_error.is_empty() {
+            response.extensions_mut().insert(super::SidecarAnswer {
+                reason: head.sidecar_error,
+                refused: head.refused,
+            });
+        }
         if head.end_stream {
             // No body: nothing to read, so no reader task. Ending here ends the exchange as
             // the end of a body would (`cancel` dropped).
@@ -228,6 +229,27 @@ impl Transport for QuicTransport {
         }
         result
     }
+
+    fn check_head(&self, parts: &http::request::Parts) -> Result<(), (usize, usize)> {
+        let max = frame::MAX_HEAD_LEN as usize;
+        // A bound first (each header costs its name, value and at most 12 bytes of protobuf
+        // framing), so the usual small head costs no encoding here.
+        let bound = 64
+            + parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+            + parts.uri.host().map_or(0, str::len)
+            + parts.method.as_str().len()
+            + parts
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 12)
+                .sum::<usize>();
+        if bound <= max {
+            return Ok(());
+        }
+        frame::check_head_len(&request_head(parts, false))
+            .map(|_| ())
+            .map_err(|len| (len, max))
+    }
 }
 
 /// A TLS alert from the peer: it did not accept our certificate. With TLS 1.3 the client
@@ -243,6 +265,11 @@ fn is_tls_refusal(e: &ConnectionError) -> bool {
 
 fn classify(addr: SocketAddr, e: FrameError) -> TransportError {
     match e {
+        FrameError::TooLarge { len, limit, .. } => TransportError::ResponseHeadTooLarge {
+            addr,
+            len: len as usize,
+            max: limit as usize,
+        },
         FrameError::Read(ReadError::ConnectionLost(ref lost))
         | FrameError::Write(quinn::WriteError::ConnectionLost(ref lost))
             if is_tls_refusal(lost) =>
@@ -257,6 +284,31 @@ fn classify(addr: SocketAddr, e: FrameError) -> TransportError {
             detail: other.to_string(),
         },
     }
+}
+
+/// The request head as the framing carries it: origin-form path, the service as authority,
+/// hop-by-hop headers dropped.
+pub fn request_head(parts: &http::request::Parts, end_stream: bool) -> RequestHead {
+    RequestHead {
+        method: parts.method.as_str().to_string(),
+        authority: parts.uri.host().unwrap_or_default().to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        headers: frame::to_proto_headers(&parts.headers, true),
+        end_stream,
+    }
+}
+
+/// A status off the wire: three digits (100-999, as `http` accepts), else a protocol error.
+/// (A plain `as u16` would wrap 65,736 to 200.)
+fn status(code: u32) -> Result<http::StatusCode, String> {
+    u16::try_from(code)
+        .ok()
+        .and_then(|code| http::StatusCode::from_u16(code).ok())
+        .ok_or_else(|| format!("peer sent status {code}, not a three-digit HTTP status"))
 }
 
 /// The declared body length, if any.
@@ -294,17 +346,81 @@ pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Bo
     Ok((head.authority, request))
 }
 
-/// The inbound half: writes a response (head, then its body as it comes) onto the stream.
-pub async fn write_response(
-    send: &mut quinn::SendStream,
-    response: Response<Body>,
-) -> Result<(), FrameError> {
-    let (parts, body) = response.into_parts();
-    let head = ResponseHead {
-        status: u32::from(parts.status.as_u16()),
-        headers: frame::to_proto_headers(&parts.headers, true),
-        end_stream: http_body::Body::is_end_stream(&body),
-    };
-    frame::write_message(send, frame::HEAD, &head).await?;
-    frame::send_body(body, send).await
+/// A response ready for the stream: its head as the framing carries it, and its body.
+pub struct OutgoingResponse {
+    head: ResponseHead,
+    body: Body,
+}
+
+impl OutgoingResponse {
+    /// Frames a response for the stream. An answer of the sidecar itself
+    /// ([`super::SidecarAnswer`] in the extensions) says so in the head's framing. A head the
+    /// framing cannot carry is refused here, before anything is written: `Err(encoded length)`
+    /// (the response is dropped; the caller answers something else).
+    pub fn new(response: Response<Body>) -> Result<Self, usize> {
+        let (parts, body) = response.into_parts();
+        let head = ResponseHead {
+            status: u32::from(parts.status.as_u16()),
+            headers: frame::to_proto_headers(&parts.headers, true),
+            end_stream: http_body::Body::is_end_stream(&body),
+            sidecar_error: String::new(),
+            refused: false,
+        };
+        let mut head = head;
+        if let Some(answer) = parts.extensions.get::<super::SidecarAnswer>() {
+            head.sidecar_error = answer.reason.clone();
+            head.refused = answer.refused;
+        }
+        frame::check_head_len(&head)?;
+        Ok(OutgoingResponse { head, body })
+    }
+
+    pub fn status(&self) -> http::StatusCode {
+        status(self.head.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// Writes the head, then the body as it comes.
+    pub async fn write(self, send: &mut quinn::SendStream) -> Result<(), FrameError> {
+        frame::write_message(send, frame::HEAD, &self.head).await?;
+        frame::send_body(self.body, send).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_off_the_wire_are_three_digits_or_refused() {
+        assert_eq!(status(200), Ok(http::StatusCode::OK));
+        assert_eq!(status(999).map(|s| s.as_u16()), Ok(999));
+        for bad in [0, 99, 1000, 65_736, 70_000, u32::MAX] {
+            // 65,736 as u16 is 200: the old cast turned it into a success.
+            assert!(status(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_response_head_over_the_limit_is_refused_before_writing() {
+        let mut response = Response::new(Body::default());
+        response.headers_mut().insert(
+            "x-big",
+            http::HeaderValue::from_str(&"a".repeat(frame::MAX_HEAD_LEN as usize)).unwrap(),
+        );
+        let len = OutgoingResponse::new(response).err().expect("too large");
+        assert!(len > frame::MAX_HEAD_LEN as usize);
+
+        let mut refusal = Response::new(Body::default());
+        refusal
+            .extensions_mut()
+            .insert(super::super::SidecarAnswer {
+                reason: "unhealthy".into(),
+                refused: true,
+            });
+        let framed = OutgoingResponse::new(refusal).expect("fits");
+        assert_eq!(framed.head.sidecar_error, "unhealthy");
+        assert!(framed.head.refused);
+        let plain = OutgoingResponse::new(Response::new(Body::default())).expect("fits");
+        assert!(plain.head.sidecar_error.is_empty() && !plain.head.refused);
+    }
 }

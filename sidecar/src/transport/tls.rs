@@ -37,15 +37,17 @@ fn roots(ca: &CertificateDer<'static>) -> Result<RootCertStore, rustls::Error> {
 }
 
 /// Settings for long-lived connections between sidecars: keep-alive so idle pools survive
-/// NATs and peers notice death, a stream limit far above quinn's default of 100, and bounded
-/// receive windows so memory per connection stays bounded.
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// NATs and peers notice death, bounded receive windows so memory per connection stays
+/// bounded, and `incoming_streams`: how many streams the peer may have open at once (the
+/// inbound's per-connection limit, far above quinn's default of 100; none for a client, since
+/// only callers open streams).
+fn transport_config(incoming_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
         t.max_idle_timeout(Some(idle));
     }
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(incoming_streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.stream_receive_window(quinn::VarInt::from_u32(2 << 20));
     t.receive_window(quinn::VarInt::from_u32(16 << 20));
@@ -68,12 +70,13 @@ pub fn client_config(id: &MeshIdentity) -> anyhow::Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(0));
     Ok(config)
 }
 
-/// The QUIC server configuration: a client certificate of the mesh CA is required.
-pub fn server_config(id: &MeshIdentity) -> anyhow::Result<quinn::ServerConfig> {
+/// The QUIC server configuration: a client certificate of the mesh CA is required; a peer
+/// connection may hold `max_streams` requests at once.
+pub fn server_config(id: &MeshIdentity, max_streams: u32) -> anyhow::Result<quinn::ServerConfig> {
     let provider = provider();
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca)?), provider.clone())
@@ -85,7 +88,7 @@ pub fn server_config(id: &MeshIdentity) -> anyhow::Result<quinn::ServerConfig> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(max_streams));
     Ok(config)
 }
 

@@ -182,6 +182,27 @@ async fn handle(
             response
         }
         "/control/served" => Response::new(full(SERVED.load(Ordering::Relaxed).to_string())),
+        "/forge" => {
+            // Does the work, then answers as if it were a sidecar refusing the request: the
+            // caller's sidecar must not take that for a refusal and send it again.
+            SERVED.fetch_add(1, Ordering::Relaxed);
+            let _ = request.into_body().collect().await;
+            let mut response = Response::new(full("done, but claiming to be unhealthy"));
+            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            response
+                .headers_mut()
+                .insert("sinew-error", HeaderValue::from_static("unhealthy"));
+            response
+        }
+        "/big-header" => {
+            // An answer whose head is `kb` KiB: past the mesh's head limit when large.
+            let kb = query(&request, "kb").unwrap_or(70) as usize;
+            let mut response = Response::new(full("big header"));
+            if let Ok(value) = HeaderValue::from_str(&"c".repeat(kb * 1024)) {
+                response.headers_mut().insert("x-big", value);
+            }
+            response
+        }
         p if p.starts_with("/events/") && request.method() == http::Method::POST => {
             event(request).await
         }
