@@ -95,6 +95,27 @@ pub struct Args {
     /// (`<prefix>.ev.>`...), so several meshes can share one NATS server.
     #[arg(long, env = "SINEW_NATS_PREFIX", default_value = "sinew")]
     pub nats_prefix: String,
+    /// A file holding the NATS server's token.
+    #[arg(long, env = "SINEW_NATS_TOKEN_FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// A NATS `.creds` file (user JWT and nkey seed).
+    #[arg(long, env = "SINEW_NATS_CREDS", conflicts_with_all = ["nats_token_file", "nats_nkey_file"])]
+    pub nats_creds: Option<PathBuf>,
+    /// A file holding a NATS nkey seed.
+    #[arg(long, env = "SINEW_NATS_NKEY_FILE", conflicts_with = "nats_token_file")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// CA certificates (PEM) for the NATS server's TLS certificate (turns TLS on).
+    #[arg(long, env = "SINEW_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients (with `--nats-tls-key`).
+    #[arg(long, env = "SINEW_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "SINEW_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Refuse a NATS server that does not speak TLS.
+    #[arg(long, env = "SINEW_NATS_TLS")]
+    pub nats_tls: bool,
     /// Health-check the app with `GET PATH` (2xx/3xx pass) [default: no checks].
     #[arg(long, env = "SINEW_HEALTH_HTTP", conflicts_with = "health_grpc")]
     pub health_http: Option<String>,
@@ -228,6 +249,14 @@ impl Args {
                 Some(crate::events::NatsConfig {
                     url: self.nats_url,
                     prefix: self.nats_prefix,
+                    auth: crate::events::NatsAuth {
+                        token_file: self.nats_token_file,
+                        creds_file: self.nats_creds,
+                        nkey_file: self.nats_nkey_file,
+                        require_tls: self.nats_tls || self.nats_tls_ca.is_some(),
+                        tls_ca: self.nats_tls_ca,
+                        tls_client: self.nats_tls_cert.zip(self.nats_tls_key),
+                    },
                 })
             }
         };

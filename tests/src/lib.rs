@@ -721,6 +721,12 @@ impl Nats {
                 _server: None,
             };
         }
+        Nats::start_own(prefix, dir, settings)
+    }
+
+    /// A server of this test's own, even with `SINEW_TEST_NATS_URL` set: for settings the
+    /// shared server does not have (authentication).
+    pub fn start_own(prefix: String, dir: &Path, settings: &str) -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -783,3 +783,165 @@ async fn a_full_outbox_refuses_then_recovers(backend: Backend) {
     let answer = post(&m.client, outbound, "/v1/events/order.created", &[], "x").await;
     assert_eq!(answer.status, 202, "{}", answer.text());
 }
+
+on_both_backends!(a_subscribers_allow_list_holds_for_events);
+/// A subscriber's `allow` list admits publishers as it admits callers: through the embedded
+/// outbox the subscriber's sidecar checks the publisher's certificate; through NATS it checks
+/// the publisher its sidecar recorded in the event (issue 11, item 9). A refused event is a
+/// dead letter, never delivered.
+async fn a_subscribers_allow_list_holds_for_events(backend: Backend) {
+    let only_web = "kind: Service\nname: billing\nspec: {allow: [web]}\n---\n";
+    let policy = subscription("billing-orders", "order.created", "billing", FAST) + only_web;
+    let m = EventMesh::start(backend, "events-allow", &[("billing", 1)], &policy, &[]).await;
+    let outbound = m.publisher.addr("outbound");
+    let answer = post(
+        &m.client,
+        outbound,
+        "/v1/events/order.created",
+        &[("ce-id", "from-orders-1"), ("ce-source", "/svc/web")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    let admin = m.publisher.addr("admin");
+    wait_until(
+        "the refused event's dead letter",
+        Duration::from_secs(20),
+        || async {
+            let answer = get(&m.client, admin, "localhost", "/events").await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+            v["dead_letters"].as_u64() == Some(1)
+        },
+    )
+    .await;
+    let out = m.mesh.sinewctl(&["events", "dead-letters"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(table.contains("from-orders-1"), "{table}");
+    assert!(
+        table.contains("forbidden") || table.contains("403"),
+        "{table}"
+    );
+    // A `ce-source` naming another service changes nothing: the publisher is the sidecar's.
+    assert_eq!(m.distinct("billing").await.0.len(), 0);
+
+    // Once billing allows orders, its events are delivered.
+    let allowed = "kind: Service\nname: billing\nspec: {allow: [web, orders]}\n";
+    let out = m.mesh.apply(allowed);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version: u64 = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("version "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no version in {stdout:?}"));
+    wait_until(
+        "billing's sidecar to allow orders",
+        Duration::from_secs(10),
+        || async {
+            let (_, sidecar) = &m.subscribers["billing"][0];
+            config(&m.client, sidecar.addr("admin")).await["version"]
+                .as_u64()
+                .unwrap_or(0)
+                >= version
+        },
+    )
+    .await;
+    let answer = post(
+        &m.client,
+        outbound,
+        "/v1/events/order.created",
+        &[("ce-id", "from-orders-2")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    m.wait_received("billing", 1, Duration::from_secs(20)).await;
+    let (ids, _) = m.distinct("billing").await;
+    assert!(
+        ids.contains("from-orders-2") && !ids.contains("from-orders-1"),
+        "{ids:?}"
+    );
+}
+
+/// A NATS server that requires a token: a sidecar given it (`--nats-token-file`) publishes
+/// and delivers; one without it cannot publish (503), and says why in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_a_token() {
+    let mesh = Mesh::start("nats-token");
+    let nats = Nats::start_own(
+        "tok".into(),
+        mesh.dir(),
+        "max_payload: 8MB\nauthorization { token: \"s3cret-token\" }\n",
+    );
+    let token_file = mesh.dir().join("nats-token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let out = mesh.apply(&subscription(
+        "billing-orders",
+        "order.created",
+        "billing",
+        FAST,
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let client = http_client();
+    let mut flags = nats.sidecar_flags();
+    flags.extend([
+        "--nats-token-file".to_string(),
+        token_file.display().to_string(),
+    ]);
+    let billing_app = mesh.app("billing-1");
+    let billing = mesh.sidecar(
+        "billing-1",
+        "billing",
+        billing_app.addr("http"),
+        &strs(&flags),
+    );
+    let orders_app = mesh.app("orders-1");
+    let orders = mesh.sidecar("orders-1", "orders", orders_app.addr("http"), &strs(&flags));
+    let stranger_app = mesh.app("orders-2");
+    let stranger = mesh.sidecar(
+        "orders-2",
+        "orders",
+        stranger_app.addr("http"),
+        &strs(&nats.sidecar_flags()),
+    );
+    for sidecar in [&billing, &orders, &stranger] {
+        wait_ready(&client, sidecar).await;
+    }
+    let answer = post(
+        &client,
+        orders.addr("outbound"),
+        "/v1/events/order.created",
+        &[("ce-id", "with-token")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    wait_until(
+        "billing to receive the event",
+        Duration::from_secs(20),
+        || async {
+            let answer = get(
+                &client,
+                billing_app.addr("http"),
+                "app",
+                "/control/received",
+            )
+            .await
+            .unwrap();
+            answer.text().contains("with-token")
+        },
+    )
+    .await;
+    let answer = post(
+        &client,
+        stranger.addr("outbound"),
+        "/v1/events/order.created",
+        &[("ce-id", "no-token")],
+        "x",
+    )
+    .await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    let log = stranger.log_text().to_lowercase();
+    assert!(log.contains("authorization"), "the log names the refusal");
+}

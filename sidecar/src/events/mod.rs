@@ -79,6 +79,25 @@ impl Default for Limits {
 pub struct NatsConfig {
     pub url: String,
     pub prefix: String,
+    pub auth: NatsAuth,
+}
+
+/// How a sidecar proves itself to the NATS server, and how it checks the server. A token or
+/// user and password may also sit in the URL (`nats://token@host:4222`).
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    /// A file holding the server's token (`authorization { token }`).
+    pub token_file: Option<std::path::PathBuf>,
+    /// A `.creds` file (JWT and nkey seed, as `nsc` writes it).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) that sign the server's certificate; implies TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate and its key (PEM), for servers that verify clients.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Refuse a server that does not speak TLS.
+    pub require_tls: bool,
 }
 
 /// The prefix names streams and subjects: letters, digits, `_` and `-`.
@@ -152,6 +171,7 @@ impl Events {
         };
         let origin = wire::Origin {
             source: format!("/svc/{}", shared.service),
+            publisher: shared.service.clone(),
         };
         Ok(Arc::new(Events {
             backend,

@@ -159,10 +159,12 @@ impl NatsEvents {
         config: &NatsConfig,
         limits: Limits,
     ) -> anyhow::Result<Arc<NatsEvents>> {
-        let client = async_nats::ConnectOptions::new()
+        let options = async_nats::ConnectOptions::new()
             .name(format!("sinew-sidecar {}", shared.node_id))
             .connection_timeout(Duration::from_secs(2))
-            .retry_on_initial_connect()
+            .retry_on_initial_connect();
+        let client = with_auth(options, &config.auth)
+            .await?
             .connect(config.url.as_str())
             .await
             .map_err(|e| anyhow::anyhow!("--nats-url {}: {e}", config.url))?;
@@ -709,7 +711,10 @@ impl NatsEvents {
             }
         };
         let spec = &subscription.spec;
-        let outcome = match wire::delivery_request(&spec.service, &spec.path(), &event) {
+        let allowed = self.admits(&event);
+        let outcome = match allowed
+            .and_then(|()| wire::delivery_request(&spec.service, &spec.path(), &event))
+        {
             Err(error) => Outcome::Refused { error },
             Ok(request) => {
                 match tokio::time::timeout(spec.delivery.timeout, inbound.deliver_event(request))
@@ -761,6 +766,33 @@ impl NatsEvents {
                     .await;
             }
         }
+    }
+
+    /// Whether this service's `allow` list admits the event's publisher. Through the embedded
+    /// outbox an event arrives on a mutually authenticated stream and the inbound checks the
+    /// caller's certificate; through NATS it arrives from the server, so the check is made
+    /// here on the publisher its sidecar recorded (`StoredEvent.publisher`). An event without
+    /// one is refused wherever `allow` is set.
+    fn admits(&self, event: &StoredEvent) -> Result<(), String> {
+        let me = &self.shared.service;
+        let snapshot = self.shared.snapshot.load();
+        let Some(service) = snapshot.services.get(me) else {
+            return Ok(());
+        };
+        let allow = &service.policy.allow;
+        if allow.is_empty() || allow.contains(&event.publisher) {
+            return Ok(());
+        }
+        let publisher = if event.publisher.is_empty() {
+            "(not recorded)"
+        } else {
+            event.publisher.as_str()
+        };
+        metrics::counter!("sinew_inbound_forbidden_total", "caller" => publisher.to_string())
+            .increment(1);
+        Err(format!(
+            "forbidden: publisher `{publisher}` may not call `{me}` (its allow list)"
+        ))
     }
 
     /// Stores the dead letter, republishes to the dead-letter topic if there is one, and only
@@ -967,6 +999,47 @@ impl NatsEvents {
 
 fn consumer_name(subscription: &str, part: Part) -> String {
     format!("{subscription}-{}", part.token())
+}
+
+/// The credentials and TLS settings of `--nats-*` on the connect options. A file that cannot
+/// be read stops the start with its flag named.
+async fn with_auth(
+    mut options: async_nats::ConnectOptions,
+    auth: &super::NatsAuth,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_string())
+            .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+    };
+    if let Some(path) = &auth.token_file {
+        options = options.token(read(path, "--nats-token-file")?);
+    }
+    #[cfg(feature = "nats-nkeys")]
+    {
+        if let Some(path) = &auth.nkey_file {
+            options = options.nkey(read(path, "--nats-nkey-file")?);
+        }
+        if let Some(path) = &auth.creds_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("--nats-creds {}: {e}", path.display()))?;
+        }
+    }
+    #[cfg(not(feature = "nats-nkeys"))]
+    if auth.nkey_file.is_some() || auth.creds_file.is_some() {
+        anyhow::bail!(
+            "--nats-nkey-file and --nats-creds need a sidecar built with `--features nats-nkeys`"
+        );
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &auth.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options.require_tls(auth.require_tls))
 }
 
 fn publish_failure(e: jetstream::context::PublishError) -> PublishFailure {

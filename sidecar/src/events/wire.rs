@@ -34,6 +34,8 @@ fn bad(message: impl Into<String>) -> Invalid {
 pub struct Origin {
     /// The default `source`: `/svc/<service>`.
     pub source: String,
+    /// This sidecar's service: recorded in every event as its publisher.
+    pub publisher: String,
 }
 
 /// How the body of a single publish is to be read.
@@ -278,6 +280,7 @@ fn build(
         data,
         extensions,
         stored_unix_ms: now,
+        publisher: origin.publisher.clone(),
     })
 }
 
@@ -367,6 +370,7 @@ mod tests {
     fn origin() -> Origin {
         Origin {
             source: "/svc/orders".into(),
+            publisher: "orders".into(),
         }
     }
 

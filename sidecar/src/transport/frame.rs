@@ -97,7 +97,7 @@ pub async fn read_frame_header(recv: &mut RecvStream) -> Result<(u8, u32), Frame
 }
 
 /// A frame header's type and length, with the length checked against the type's limit.
-fn parse_frame_header(header: &[u8; 5]) -> Result<(u8, u32), FrameError> {
+pub fn parse_frame_header(header: &[u8; 5]) -> Result<(u8, u32), FrameError> {
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     let limit = if header[0] == DATA {
         MAX_DATA_LEN

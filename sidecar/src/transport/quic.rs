@@ -321,11 +321,11 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// The inbound half: reads a request off an accepted stream. The URI is origin-form
-/// (`/path?query`); the authority the caller asked for is returned beside it.
-pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Body>), FrameError> {
-    let mut recv = recv;
-    let head: RequestHead = frame::read_head(&mut recv).await?;
+/// A request head off the wire, as HTTP takes it: its method, its origin-form URI, its
+/// headers; anything no HTTP stack would accept is a protocol error. (Pure: fuzzed.)
+pub fn request_parts(
+    head: &RequestHead,
+) -> Result<(http::Method, http::Uri, http::HeaderMap), FrameError> {
     let headers = frame::from_proto_headers(&head.headers).map_err(FrameError::Protocol)?;
     let method = http::Method::from_bytes(head.method.as_bytes())
         .map_err(|_| FrameError::Protocol(format!("invalid method {:?}", head.method)))?;
@@ -333,6 +333,23 @@ pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Bo
         .path
         .parse()
         .map_err(|_| FrameError::Protocol(format!("invalid path {:?}", head.path)))?;
+    Ok((method, uri, headers))
+}
+
+/// A response head off the wire: its status (three digits) and headers.
+pub fn response_parts(head: &ResponseHead) -> Result<(http::StatusCode, http::HeaderMap), String> {
+    Ok((
+        status(head.status)?,
+        frame::from_proto_headers(&head.headers)?,
+    ))
+}
+
+/// The inbound half: reads a request off an accepted stream. The URI is origin-form
+/// (`/path?query`); the authority the caller asked for is returned beside it.
+pub async fn read_request(recv: quinn::RecvStream) -> Result<(String, Request<Body>), FrameError> {
+    let mut recv = recv;
+    let head: RequestHead = frame::read_head(&mut recv).await?;
+    let (method, uri, headers) = request_parts(&head)?;
     let body = if head.end_stream {
         frame::end_of_stream(recv)?;
         Body::default()
