@@ -49,6 +49,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    admin::describe_metrics();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let node_id = node_id(&config)?;
