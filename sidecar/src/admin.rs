@@ -1,7 +1,12 @@
 //! The admin listener (127.0.0.1:4191): `/live`, `/ready`, `/metrics`, `/config`,
 //! `/endpoints`, and `POST /shutdown`. Also where request metrics are named, so every
 //! metric of the data path is listed in one place.
+//!
+//! Only local programs are answered: a request from a web page (`Origin`), or addressed by
+//! a DNS name (`Host`), is refused, and `/shutdown` needs `sinew-admin: 1` (see
+//! `local_guard.rs`).
 
+use crate::local_guard::{self, LocalGuard};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError};
 use bytes::Bytes;
@@ -17,7 +22,14 @@ pub async fn handle<B>(
     request: Request<B>,
     shared: Arc<Shared>,
     prometheus: PrometheusHandle,
+    guard: Arc<LocalGuard>,
 ) -> Response<Body> {
+    if let Err(refused) = guard
+        .check_origin(request.headers(), "admin")
+        .and_then(|()| local_guard::check_host(&request, "admin"))
+    {
+        return refused.into_response();
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -107,13 +119,16 @@ pub async fn handle<B>(
             }))
         }
         (&Method::POST, "/shutdown") => {
+            if let Err(refused) = local_guard::check_admin_header(request.headers()) {
+                return refused.into_response();
+            }
             shared.begin_shutdown();
             text(StatusCode::ACCEPTED, "draining\n")
         }
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config /endpoints /events, POST /shutdown\n",
+            "not found; try /live /ready /metrics /config /endpoints /events, POST /shutdown (with sinew-admin: 1)\n",
         ),
     }
 }
@@ -300,6 +315,11 @@ pub fn describe_metrics() {
         "Age of the oldest undelivered event."
     );
     describe_gauge!("sinew_dead_letters", "Dead letters kept.");
+    // The local listeners' guards.
+    describe_counter!(
+        "sinew_local_refused_total",
+        "Requests to the admin port or the events API refused as coming from a web page, by listener and reason."
+    );
 }
 
 /// Buckets of `sinew_request_duration_seconds`: 100 µs to 30 s.

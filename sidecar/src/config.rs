@@ -51,6 +51,10 @@ pub struct Args {
     /// Admin listener: /ready /live /metrics /config /endpoints /shutdown.
     #[arg(long, env = "SINEW_ADMIN", default_value = "127.0.0.1:4191")]
     pub admin: SocketAddr,
+    /// Web origins (scheme://host[:port]) whose requests the admin port and the events API
+    /// accept; any other request carrying `Origin` gets 403 [default: none].
+    #[arg(long, env = "SINEW_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// The address other sidecars reach this one at [default: the inbound address, with an
     /// unspecified IP replaced by 127.0.0.1].
     #[arg(long, env = "SINEW_ADVERTISE")]
@@ -137,6 +141,8 @@ pub struct Config {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+    /// `--allowed-origins`, checked on the admin port and the events API.
+    pub local_guard: crate::local_guard::LocalGuard,
     pub advertise: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub node_id: Option<String>,
@@ -200,6 +206,8 @@ impl Args {
                 })
             }
         };
+        let local_guard = crate::local_guard::LocalGuard::new(&self.allowed_origins)
+            .map_err(|e| format!("--allowed-origins: {e}"))?;
         if self.control.iter().all(|c| c.trim().is_empty()) {
             return Err("--control: at least one control-plane address is required".into());
         }
@@ -221,6 +229,7 @@ impl Args {
             outbound: self.outbound,
             inbound: self.inbound,
             admin: self.admin,
+            local_guard,
             advertise: self.advertise,
             node_id: self.node_id,
             zone: self.zone,

@@ -19,26 +19,9 @@ const BATCH_SUFFIX: &str = ":batch";
 /// Whether a request on the outbound port is for the events API: its path is under
 /// `/v1/events/` and it is addressed to the sidecar itself (an IP address or `localhost`,
 /// never a mesh service name).
+/// (The same Host test guards the admin port against DNS rebinding: `local_guard.rs`.)
 pub fn is_events_request<B>(request: &Request<B>) -> bool {
-    if !request.uri().path().starts_with(PREFIX) {
-        return false;
-    }
-    let host = match request.uri().host() {
-        Some(host) => Some(host.to_string()),
-        None => request
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .map(|a| a.host().to_string()),
-    };
-    match host {
-        None => true,
-        Some(host) => {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
-        }
-    }
+    request.uri().path().starts_with(PREFIX) && crate::local_guard::host_is_local(request)
 }
 
 /// A refusal: status, `sinew-error` reason and message.
