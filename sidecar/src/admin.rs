@@ -307,7 +307,7 @@ pub fn describe_metrics() {
     describe_gauge!(
         "sinew_outbox_bytes",
         Unit::Bytes,
-        "Stored bytes of the undelivered events."
+        "Stored bytes of the undelivered events (data and every attribute)."
     );
     describe_gauge!(
         "sinew_outbox_oldest_pending_seconds",
@@ -315,6 +315,10 @@ pub fn describe_metrics() {
         "Age of the oldest undelivered event."
     );
     describe_gauge!("sinew_dead_letters", "Dead letters kept.");
+    describe_counter!(
+        "sinew_dead_letters_evicted_total",
+        "Dead letters dropped, oldest first, to keep the dead letters within their own bound."
+    );
     // The local listeners' guards.
     describe_counter!(
         "sinew_local_refused_total",

@@ -80,9 +80,16 @@ pub struct Args {
     /// Undelivered events the outbox holds before publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_EVENTS", default_value_t = 100_000)]
     pub outbox_max_events: u64,
-    /// Data bytes of undelivered events the outbox holds before publishes get 503 `outbox-full`.
+    /// Stored bytes of undelivered events (data and every attribute) the outbox holds before
+    /// publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub outbox_max_bytes: u64,
+    /// Dead letters kept; past it the oldest go (`sinew_dead_letters_evicted_total`).
+    #[arg(long, env = "SINEW_DEAD_LETTERS_MAX_EVENTS", default_value_t = 10_000)]
+    pub dead_letters_max_events: u64,
+    /// Stored bytes of the dead letters kept; past it the oldest go.
+    #[arg(long, env = "SINEW_DEAD_LETTERS_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub dead_letters_max_bytes: u64,
     /// Where events are kept and fanned out from: `embedded` (this sidecar's redb outbox) or
     /// `nats` (a NATS JetStream server shared by the mesh, see `--nats-url`).
     #[arg(
@@ -238,6 +245,10 @@ impl Args {
                 max_event_bytes: self.event_max_bytes,
                 max_outbox_events: self.outbox_max_events,
                 max_outbox_bytes: self.outbox_max_bytes,
+                dead_letters: crate::events::outbox::DeadBound {
+                    max_events: self.dead_letters_max_events,
+                    max_bytes: self.dead_letters_max_bytes,
+                },
                 ..crate::events::Limits::default()
             },
             nats,
