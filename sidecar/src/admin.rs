@@ -157,7 +157,7 @@ fn full(bytes: Bytes) -> Body {
 
 /// Every metric the sidecar exports, with its HELP text: registered once at start (before
 /// any is recorded), so `/metrics` passes `promtool check metrics`. A metric recorded
-/// without a line here is rendered without HELP, which the e2e test `metrics_lint` catches.
+/// without a line here is rendered without HELP, which `tests/tests/metrics.rs` (promtool) catches.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     // Requests (outbound: this app calling `peer`; inbound: `peer` calling this app).
