@@ -1,7 +1,12 @@
 //! The admin listener (127.0.0.1:4191): `/live`, `/ready`, `/metrics`, `/config`,
 //! `/endpoints`, and `POST /shutdown`. Also where request metrics are named, so every
 //! metric of the data path is listed in one place.
+//!
+//! Only local programs are answered: a request from a web page (`Origin`), or addressed by
+//! a DNS name (`Host`), is refused, and `/shutdown` needs `sinew-admin: 1` (see
+//! `local_guard.rs`).
 
+use crate::local_guard::{self, LocalGuard};
 use crate::state::Shared;
 use crate::transport::{Body, BoxError};
 use bytes::Bytes;
@@ -17,7 +22,14 @@ pub async fn handle<B>(
     request: Request<B>,
     shared: Arc<Shared>,
     prometheus: PrometheusHandle,
+    guard: Arc<LocalGuard>,
 ) -> Response<Body> {
+    if let Err(refused) = guard
+        .check_origin(request.headers(), "admin")
+        .and_then(|()| local_guard::check_host(&request, "admin"))
+    {
+        return refused.into_response();
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -107,13 +119,16 @@ pub async fn handle<B>(
             }))
         }
         (&Method::POST, "/shutdown") => {
+            if let Err(refused) = local_guard::check_admin_header(request.headers()) {
+                return refused.into_response();
+            }
             shared.begin_shutdown();
             text(StatusCode::ACCEPTED, "draining\n")
         }
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live /ready /metrics /config /endpoints /events, POST /shutdown\n",
+            "not found; try /live /ready /metrics /config /endpoints /events, POST /shutdown (with sinew-admin: 1)\n",
         ),
     }
 }
@@ -138,6 +153,197 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| -> BoxError { match never {} })
         .boxed()
+}
+
+/// Every metric the sidecar exports, with its HELP text: registered once at start (before
+/// any is recorded), so `/metrics` passes `promtool check metrics`. A metric recorded
+/// without a line here is rendered without HELP, which `tests/tests/metrics.rs` (promtool) catches.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    // Requests (outbound: this app calling `peer`; inbound: `peer` calling this app).
+    describe_counter!(
+        "sinew_requests_total",
+        "Requests answered, by direction, peer service and status class."
+    );
+    describe_histogram!(
+        "sinew_request_duration_seconds",
+        Unit::Seconds,
+        "Time to the response head, by direction and peer service."
+    );
+    // Resilience decisions on the outbound path.
+    describe_counter!("sinew_retries_total", "Retries sent, by peer service.");
+    describe_counter!(
+        "sinew_retries_budget_exhausted_total",
+        "Retries not sent because the retry budget was spent, by peer service."
+    );
+    describe_counter!(
+        "sinew_retries_unreplayable_total",
+        "Retries not sent because the request body could not be replayed, by peer service."
+    );
+    describe_counter!(
+        "sinew_hedges_total",
+        "Hedged requests sent, by peer service."
+    );
+    describe_counter!(
+        "sinew_hedge_wins_total",
+        "Hedged requests that answered first, by peer service."
+    );
+    describe_counter!(
+        "sinew_hedges_budget_exhausted_total",
+        "Hedges not sent because the retry budget was spent, by peer service."
+    );
+    describe_counter!(
+        "sinew_outlier_ejections_total",
+        "Instances ejected by outlier detection, by peer service."
+    );
+    describe_counter!(
+        "sinew_balancer_panic_total",
+        "Picks made from every instance because too few were healthy (panic mode), by peer service."
+    );
+    describe_counter!(
+        "sinew_overloaded_total",
+        "Requests refused with 503 overloaded (max_concurrent or max_pending), by peer service."
+    );
+    describe_counter!(
+        "sinew_endpoint_waits_total",
+        "Requests that waited for an instance of the peer service."
+    );
+    describe_counter!(
+        "sinew_no_endpoints_total",
+        "Requests refused with 503 no-endpoints, by peer service."
+    );
+    describe_counter!(
+        "sinew_endpoints_down_total",
+        "Instances skipped after a failed dial until redialed, by peer service."
+    );
+    // The app behind this sidecar.
+    describe_counter!(
+        "sinew_health_checks_total",
+        "Health checks of the app, by result (pass, fail)."
+    );
+    describe_counter!(
+        "sinew_health_transitions_total",
+        "Changes of the app's health, by new state (healthy, unhealthy)."
+    );
+    describe_gauge!(
+        "sinew_app_healthy",
+        "1 while the app passes its health checks, else 0."
+    );
+    describe_counter!(
+        "sinew_inbound_unhealthy_total",
+        "Inbound requests refused with 503 unhealthy."
+    );
+    describe_counter!(
+        "sinew_inbound_handshake_failures_total",
+        "Inbound QUIC connections whose TLS handshake failed."
+    );
+    describe_counter!(
+        "sinew_inbound_forbidden_total",
+        "Inbound requests refused by policy, by calling service."
+    );
+    describe_counter!(
+        "sinew_inbound_cancelled_total",
+        "Inbound requests the caller gave up on before the app answered."
+    );
+    describe_counter!(
+        "sinew_inbound_head_timeouts_total",
+        "Inbound streams reset because their request head did not arrive within --inbound-head-timeout."
+    );
+    describe_counter!(
+        "sinew_inbound_overloaded_total",
+        "Inbound requests refused (503 overloaded) past --inbound-max-in-flight requests with the app."
+    );
+    describe_counter!(
+        "sinew_inbound_response_head_too_large_total",
+        "App answers whose head was over the mesh's 64 KiB limit, answered 502 response-header-too-large instead."
+    );
+    describe_counter!(
+        "sinew_inbound_app_error_headers_dropped_total",
+        "App answers whose own sinew-error header this sidecar dropped (the name is the mesh's)."
+    );
+    describe_counter!(
+        "sinew_request_head_too_large_total",
+        "Outbound requests refused before any try (431 header-too-large), by peer service."
+    );
+    describe_counter!(
+        "sinew_quic_connections_opened_total",
+        "Outbound QUIC connections opened to other sidecars."
+    );
+    // The control plane, as this sidecar sees it.
+    describe_gauge!(
+        "sinew_config_version",
+        "Version of the configuration this sidecar applies."
+    );
+    describe_gauge!(
+        "sinew_control_connected",
+        "1 while the control stream is open, else 0."
+    );
+    describe_counter!(
+        "sinew_control_updates_total",
+        "Configuration updates received, by result (ack, nack)."
+    );
+    // Events.
+    describe_counter!(
+        "sinew_events_published_total",
+        "Events accepted by the events API, by topic (\"other\" for topics without a subscription)."
+    );
+    describe_counter!(
+        "sinew_events_delivered_total",
+        "Event deliveries answered 2xx, by topic and subscribing service."
+    );
+    describe_counter!(
+        "sinew_events_retried_total",
+        "Event deliveries that failed and will be tried again, by topic and subscribing service."
+    );
+    describe_counter!(
+        "sinew_events_dead_lettered_total",
+        "Events moved to the dead letters, by topic and subscribing service."
+    );
+    describe_histogram!(
+        "sinew_event_delivery_seconds",
+        Unit::Seconds,
+        "Time from publish to delivery, by topic and subscribing service."
+    );
+    describe_counter!(
+        "sinew_events_duplicates_total",
+        "Publishes NATS JetStream recognised as duplicates of a stored event, by topic."
+    );
+    describe_counter!(
+        "sinew_events_refused_total",
+        "Publishes refused by the events API, by reason."
+    );
+    describe_counter!(
+        "sinew_events_outbox_full_total",
+        "Publishes refused with 503 outbox-full."
+    );
+    describe_counter!(
+        "sinew_events_unsubscribed_total",
+        "Pending deliveries dropped because their subscription was deleted."
+    );
+    describe_gauge!(
+        "sinew_outbox_events",
+        "Events stored and not yet delivered to every subscriber."
+    );
+    describe_gauge!(
+        "sinew_outbox_bytes",
+        Unit::Bytes,
+        "Stored bytes of the undelivered events (data and every attribute)."
+    );
+    describe_gauge!(
+        "sinew_outbox_oldest_pending_seconds",
+        Unit::Seconds,
+        "Age of the oldest undelivered event."
+    );
+    describe_gauge!("sinew_dead_letters", "Dead letters kept.");
+    describe_counter!(
+        "sinew_dead_letters_evicted_total",
+        "Dead letters dropped, oldest first, to keep the dead letters within their own bound."
+    );
+    // The local listeners' guards.
+    describe_counter!(
+        "sinew_local_refused_total",
+        "Requests to the admin port or the events API refused as coming from a web page, by listener and reason."
+    );
 }
 
 /// Buckets of `sinew_request_duration_seconds`: 100 µs to 30 s.

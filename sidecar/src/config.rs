@@ -51,6 +51,10 @@ pub struct Args {
     /// Admin listener: /ready /live /metrics /config /endpoints /shutdown.
     #[arg(long, env = "SINEW_ADMIN", default_value = "127.0.0.1:4191")]
     pub admin: SocketAddr,
+    /// Web origins (scheme://host[:port]) whose requests the admin port and the events API
+    /// accept; any other request carrying `Origin` gets 403 [default: none].
+    #[arg(long, env = "SINEW_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// The address other sidecars reach this one at [default: the inbound address, with an
     /// unspecified IP replaced by 127.0.0.1].
     #[arg(long, env = "SINEW_ADVERTISE")]
@@ -76,9 +80,16 @@ pub struct Args {
     /// Undelivered events the outbox holds before publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_EVENTS", default_value_t = 100_000)]
     pub outbox_max_events: u64,
-    /// Data bytes of undelivered events the outbox holds before publishes get 503 `outbox-full`.
+    /// Stored bytes of undelivered events (data and every attribute) the outbox holds before
+    /// publishes get 503 `outbox-full`.
     #[arg(long, env = "SINEW_OUTBOX_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub outbox_max_bytes: u64,
+    /// Dead letters kept; past it the oldest go (`sinew_dead_letters_evicted_total`).
+    #[arg(long, env = "SINEW_DEAD_LETTERS_MAX_EVENTS", default_value_t = 10_000)]
+    pub dead_letters_max_events: u64,
+    /// Stored bytes of the dead letters kept; past it the oldest go.
+    #[arg(long, env = "SINEW_DEAD_LETTERS_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub dead_letters_max_bytes: u64,
     /// Where events are kept and fanned out from: `embedded` (this sidecar's redb outbox) or
     /// `nats` (a NATS JetStream server shared by the mesh, see `--nats-url`).
     #[arg(
@@ -170,6 +181,8 @@ pub struct Config {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+    /// `--allowed-origins`, checked on the admin port and the events API.
+    pub local_guard: crate::local_guard::LocalGuard,
     pub advertise: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub node_id: Option<String>,
@@ -269,6 +282,8 @@ impl Args {
                     .into(),
             );
         }
+        let local_guard = crate::local_guard::LocalGuard::new(&self.allowed_origins)
+            .map_err(|e| format!("--allowed-origins: {e}"))?;
         if self.control.iter().all(|c| c.trim().is_empty()) {
             return Err("--control: at least one control-plane address is required".into());
         }
@@ -290,6 +305,7 @@ impl Args {
             outbound: self.outbound,
             inbound: self.inbound,
             admin: self.admin,
+            local_guard,
             advertise: self.advertise,
             node_id: self.node_id,
             zone: self.zone,
@@ -298,6 +314,10 @@ impl Args {
                 max_event_bytes: self.event_max_bytes,
                 max_outbox_events: self.outbox_max_events,
                 max_outbox_bytes: self.outbox_max_bytes,
+                dead_letters: crate::events::outbox::DeadBound {
+                    max_events: self.dead_letters_max_events,
+                    max_bytes: self.dead_letters_max_bytes,
+                },
                 ..crate::events::Limits::default()
             },
             nats,

@@ -19,6 +19,7 @@ pub mod health;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
+pub mod local_guard;
 pub mod outbound;
 pub mod resilience;
 pub mod snapshot;
@@ -49,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    admin::describe_metrics();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let node_id = node_id(&config)?;
@@ -112,10 +114,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // still being served often call their own dependencies.
     let (stop_listeners, listeners_stopped) = tokio::sync::watch::channel(false);
     let admin_shared = shared.clone();
+    let guard = Arc::new(config.local_guard.clone());
+    let admin_guard = guard.clone();
     tokio::spawn(http_server::serve(
         admin_listener,
         listeners_stopped.clone(),
-        move |req| admin::handle(req, admin_shared.clone(), prometheus.clone()),
+        move |req| {
+            admin::handle(
+                req,
+                admin_shared.clone(),
+                prometheus.clone(),
+                admin_guard.clone(),
+            )
+        },
     ));
     tokio::spawn(shutdown_on_signal(shared.clone(), signals));
 
@@ -159,8 +170,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         move |req| {
             let outbound = outbound.clone();
             let events = events.clone();
+            let guard = guard.clone();
             async move {
                 if events::api::is_events_request(&req) {
+                    // A web page may not publish (its proxied mesh requests are the app's).
+                    if let Err(refused) = guard.check_origin(req.headers(), "events") {
+                        return refused.into_response();
+                    }
                     events.handle(req).await
                 } else {
                     outbound.handle(req).await

@@ -52,6 +52,26 @@ pub fn bin(name: &str) -> PathBuf {
         command
             .args(["build", "--workspace", "--bins"])
             .current_dir(workspace_root());
+        // What cargo sets for this test crate stays out: build scripts (ring's) watch some of
+        // these variables, and each run would otherwise rebuild them, and again after it.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    name.as_ref(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                        | "OUT_DIR"
+                )
+            {
+                command.env_remove(name.as_ref());
+            }
+        }
         // The same profile as this binary: target/<profile>/ (debug is cargo's `dev`).
         let dir = profile_dir();
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");

@@ -19,26 +19,9 @@ const BATCH_SUFFIX: &str = ":batch";
 /// Whether a request on the outbound port is for the events API: its path is under
 /// `/v1/events/` and it is addressed to the sidecar itself (an IP address or `localhost`,
 /// never a mesh service name).
+/// (The same Host test guards the admin port against DNS rebinding: `local_guard.rs`.)
 pub fn is_events_request<B>(request: &Request<B>) -> bool {
-    if !request.uri().path().starts_with(PREFIX) {
-        return false;
-    }
-    let host = match request.uri().host() {
-        Some(host) => Some(host.to_string()),
-        None => request
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .map(|a| a.host().to_string()),
-    };
-    match host {
-        None => true,
-        Some(host) => {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
-        }
-    }
+    request.uri().path().starts_with(PREFIX) && crate::local_guard::host_is_local(request)
 }
 
 /// A refusal: status, `sinew-error` reason and message.
@@ -61,12 +44,7 @@ impl Refusal {
     }
 
     fn invalid(e: Invalid) -> Self {
-        let reason = match e.status {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
-            StatusCode::PAYLOAD_TOO_LARGE => "too-large",
-            _ => "bad-request",
-        };
-        Refusal::new(e.status, reason, e.message)
+        Refusal::new(e.status, e.reason, e.message)
     }
 }
 
@@ -156,6 +134,7 @@ impl Events {
                 Mode::Structured => serde_json::from_slice(&body)
                     .map_err(|e| Invalid {
                         status: StatusCode::BAD_REQUEST,
+                        reason: "bad-request",
                         message: format!("the body is not a CloudEvents JSON object: {e}"),
                     })
                     .and_then(|v| wire::from_json(&topic, &v, &self.origin))
@@ -170,7 +149,7 @@ impl Events {
         if !subscriptions.is_empty() {
             match &self.backend {
                 Backend::Embedded(outbox) => {
-                    let _room = self.admit(outbox, &events)?;
+                    let _room = self.admit(outbox, &events, &subscriptions)?;
                     let new = events
                         .into_iter()
                         .map(|event| NewEvent {
@@ -193,7 +172,14 @@ impl Events {
                 }
             }
         }
-        metrics::counter!("sinew_events_published_total", "topic" => topic.clone()).increment(n);
+        // A topic label only for topics with a subscription (policy bounds them): any name
+        // may be published to, and each label value would be a series kept forever.
+        let label = if subscriptions.is_empty() {
+            "other".to_string()
+        } else {
+            topic.clone()
+        };
+        metrics::counter!("sinew_events_published_total", "topic" => label).increment(n);
         let body = if batch {
             let results: Vec<serde_json::Value> = ids
                 .iter()
@@ -210,6 +196,7 @@ impl Events {
         if event.data.len() > self.limits.max_event_bytes {
             return Err(Invalid {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
+                reason: "too-large",
                 message: format!(
                     "the event's data is {} bytes; at most {} are accepted",
                     event.data.len(),
@@ -304,14 +291,19 @@ impl Events {
         Ok(events)
     }
 
-    /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth. The
-    /// room is held until the events are stored, so concurrent publishes cannot overshoot.
+    /// The outbox's bound: past it, 503 `outbox-full` rather than unbounded disk growth. Every
+    /// stored byte counts (`outbox::stored_bytes`). The room is held until the events are
+    /// stored, so concurrent publishes cannot overshoot.
     fn admit<'a>(
         &self,
         outbox: &'a super::outbox::Outbox,
         events: &[StoredEvent],
+        subscriptions: &[String],
     ) -> Result<super::outbox::Reservation<'a>, Refusal> {
-        let bytes = events.iter().map(|e| e.data.len() as u64).sum::<u64>();
+        let bytes = events
+            .iter()
+            .map(|e| super::outbox::stored_bytes(e, subscriptions))
+            .sum::<u64>();
         outbox
             .reserve(
                 events.len() as u64,
@@ -325,7 +317,7 @@ impl Events {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "outbox-full",
                     format!(
-                        "the outbox holds its limit ({} events or {} bytes, dead letters included) of undelivered events; retry later",
+                        "the outbox holds its limit ({} events or {} stored bytes) of undelivered events; retry later",
                         self.limits.max_outbox_events, self.limits.max_outbox_bytes
                     ),
                 )

@@ -27,8 +27,9 @@
 //! Dead letters (embedded backend) stay in the sidecar that published the event. The control plane asks every
 //! connected sidecar over its control stream (`EventsRequest`/`EventsReply`) when
 //! `sinewctl events` runs; the sidecar's admin port shows its own at `GET /events`. They
-//! count against the outbox bound, so a subscriber that refuses everything ends in 503
-//! `outbox-full` (visible, bounded) rather than unbounded disk growth.
+//! have their own bound (`--dead-letters-max-events`, `--dead-letters-max-bytes`; past it the
+//! oldest go, counted), so a subscriber that refuses everything neither grows the disk nor
+//! makes publishes to other topics fail with `outbox-full`.
 
 pub mod api;
 pub mod dispatch;
@@ -58,8 +59,10 @@ pub struct Limits {
     /// Undelivered events the outbox holds before publishes get 503 `outbox-full`.
     /// Default 100,000.
     pub max_outbox_events: u64,
-    /// Their data bytes. Default 256 MiB.
+    /// Their stored bytes (every attribute, not only the data). Default 256 MiB.
     pub max_outbox_bytes: u64,
+    /// Dead letters kept (their own bound; past it the oldest go). Default 10,000 and 64 MiB.
+    pub dead_letters: outbox::DeadBound,
 }
 
 impl Default for Limits {
@@ -70,6 +73,7 @@ impl Default for Limits {
             max_batch_events: 1000,
             max_outbox_events: 100_000,
             max_outbox_bytes: 256 * 1024 * 1024,
+            dead_letters: outbox::DeadBound::default(),
         }
     }
 }
@@ -157,7 +161,8 @@ impl Events {
             }
             None => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let (outbox, recovered) = Outbox::open(&data_dir.join("outbox.redb"), tx)?;
+                let (outbox, recovered) =
+                    Outbox::open(&data_dir.join("outbox.redb"), tx, limits.dead_letters)?;
                 let outbox = Arc::new(outbox);
                 tokio::spawn(dispatch::Dispatcher::run(
                     shared.clone(),

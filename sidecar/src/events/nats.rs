@@ -34,6 +34,8 @@
 //! survives a sidecar crash. Other answers, or `max_attempts` used up, dead-letter the event:
 //! a `DeadLetterRecord` goes to the stream `<P>_DEAD` (subject `<p>.dead.S`, message id
 //! `<event id>@S`), and only then is the event acknowledged.
+//! `<P>_DEAD` has its own bound (`--dead-letters-max-events`, `--dead-letters-max-bytes`,
+//! `discard: old`): full, its oldest dead letters go, so they never hold publishes back.
 //!
 //! Dead letters are shared by the mesh: every NATS sidecar names the store in its Hello
 //! (`nats:<url>#<P>_DEAD`), and the control plane sends `sinewctl events` questions to one
@@ -227,8 +229,8 @@ impl NatsEvents {
         if self.streams_ready.load(Ordering::Acquire) {
             return Ok(());
         }
-        let max_messages = i64::try_from(self.limits.max_outbox_events).unwrap_or(i64::MAX);
-        let max_bytes = i64::try_from(self.limits.max_outbox_bytes).unwrap_or(i64::MAX);
+        let limit = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let dead = self.limits.dead_letters;
         let streams = [
             (
                 &self.events_stream,
@@ -238,15 +240,23 @@ impl NatsEvents {
                     format!("{}.rp.>", self.prefix),
                 ],
                 stream::RetentionPolicy::Interest,
+                // Full: new publishes are refused (503 outbox-full), nothing is dropped.
+                stream::DiscardPolicy::New,
+                limit(self.limits.max_outbox_events),
+                limit(self.limits.max_outbox_bytes),
             ),
             (
                 &self.dead_stream,
                 "sinew events: dead letters",
                 vec![format!("{}.dead.>", self.prefix)],
                 stream::RetentionPolicy::Limits,
+                // Their own bound: full, the oldest go, so dead letters never block publishes.
+                stream::DiscardPolicy::Old,
+                limit(dead.max_events),
+                limit(dead.max_bytes),
             ),
         ];
-        for (name, description, subjects, retention) in streams {
+        for (name, description, subjects, retention, discard, max_messages, max_bytes) in streams {
             self.js
                 .get_or_create_stream(stream::Config {
                     name: name.clone(),
@@ -254,7 +264,7 @@ impl NatsEvents {
                     subjects,
                     retention,
                     storage: stream::StorageType::File,
-                    discard: stream::DiscardPolicy::New,
+                    discard,
                     max_messages,
                     max_bytes,
                     duplicate_window: DEDUP_WINDOW,

@@ -14,6 +14,13 @@
 //!
 //! Readers (the dispatcher loading an event to deliver it, the admin listing dead letters)
 //! use read transactions beside the writer.
+//!
+//! Accounting: an event counts what it stores ([`stored_bytes`]: the whole encoded record,
+//! id, source, type, subject, extensions and key as well as the data, plus a delivery row
+//! per subscription), so attributes cannot fill the disk past the bound unseen. Dead letters
+//! have their own bound ([`DeadBound`]): past it the oldest dead letter goes (the
+//! subscription's own first), so a subscriber that refuses everything cannot make publishes
+//! to other topics fail with `outbox-full`.
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -128,14 +135,48 @@ pub const ADMIN_CHUNK: usize = 500;
 /// dead-letter topic (its value: the subscription that gave it up).
 pub const DEAD_LETTER_MARK: &str = "sinewdeadletter";
 
+/// What one delivery row costs beside its subscription name: the seq in its key and its
+/// (small) state.
+const DELIVERY_ROW: u64 = 16;
+
+/// The bytes an event stores with its delivery rows: what the outbox bound counts.
+pub fn stored_bytes(event: &StoredEvent, subscriptions: &[String]) -> u64 {
+    event.encoded_len() as u64
+        + subscriptions
+            .iter()
+            .map(|s| s.len() as u64 + DELIVERY_ROW)
+            .sum::<u64>()
+}
+
+/// The bytes a dead letter stores (the record, the event inside, and its key).
+fn dead_bytes(subscription: &str, record: &DeadLetterRecord) -> u64 {
+    record.encoded_len() as u64 + subscription.len() as u64 + DELIVERY_ROW
+}
+
+/// The dead letters' own bound: past it the oldest go (`sinew_dead_letters_evicted_total`).
+#[derive(Debug, Clone, Copy)]
+pub struct DeadBound {
+    pub max_events: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for DeadBound {
+    fn default() -> Self {
+        DeadBound {
+            max_events: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 /// What the publish side needs: the writer's queue and the fill level.
 pub struct Outbox {
     db: Arc<Database>,
     ops: mpsc::Sender<Op>,
-    /// Events stored and not yet delivered to every subscriber, and their data bytes.
+    /// Events stored and not yet delivered to every subscriber, and their stored bytes.
     pub events: Arc<AtomicU64>,
     pub bytes: Arc<AtomicU64>,
-    /// Dead letters kept, and their data bytes: they count against the bound too.
+    /// Dead letters kept, and their stored bytes: they have their own bound.
     pub dead_events: Arc<AtomicU64>,
     pub dead_bytes: Arc<AtomicU64>,
     /// Space promised to publishes on their way to the writer.
@@ -210,6 +251,7 @@ impl Outbox {
     pub fn open(
         path: &Path,
         dispatch: mpsc::UnboundedSender<Vec<Pending>>,
+        dead_bound: DeadBound,
     ) -> Result<(Outbox, Vec<Pending>), OutboxError> {
         let db = Database::create(path).map_err(|source| OutboxError::Open {
             path: path.display().to_string(),
@@ -228,6 +270,7 @@ impl Outbox {
             dead_total_bytes: 0,
             dead_events: Arc::new(AtomicU64::new(0)),
             dead_bytes: Arc::new(AtomicU64::new(0)),
+            dead_bound,
             dispatch,
         };
         let pending = writer.recover()?;
@@ -249,9 +292,9 @@ impl Outbox {
         Ok((outbox, pending))
     }
 
-    /// Holds room for `events` events of `bytes` data bytes, if the outbox (pending events,
-    /// dead letters and other publishes on their way) stays within `max_events` and
-    /// `max_bytes` with them.
+    /// Holds room for `events` events of `bytes` stored bytes ([`stored_bytes`]), if the
+    /// pending events and other publishes on their way stay within `max_events` and
+    /// `max_bytes` with them. Dead letters are not counted: they have their own bound.
     pub fn reserve(
         &self,
         events: u64,
@@ -266,10 +309,8 @@ impl Outbox {
             events,
             bytes,
         };
-        let stored_events =
-            self.events.load(Ordering::Relaxed) + self.dead_events.load(Ordering::Relaxed);
-        let stored_bytes =
-            self.bytes.load(Ordering::Relaxed) + self.dead_bytes.load(Ordering::Relaxed);
+        let stored_events = self.events.load(Ordering::Relaxed);
+        let stored_bytes = self.bytes.load(Ordering::Relaxed);
         (stored_events + held_events <= max_events && stored_bytes + held_bytes <= max_bytes)
             .then_some(reservation)
     }
@@ -384,7 +425,7 @@ struct Live {
 struct Writer {
     db: Arc<Database>,
     live: BTreeMap<u64, Live>,
-    /// The data bytes of the `live` events.
+    /// The stored bytes of the `live` events ([`stored_bytes`]).
     live_bytes: u64,
     /// How to put `live` back if the running transaction fails: (seq, what it was).
     undo: Vec<(u64, Option<Live>)>,
@@ -395,6 +436,7 @@ struct Writer {
     dead_total_bytes: u64,
     dead_events: Arc<AtomicU64>,
     dead_bytes: Arc<AtomicU64>,
+    dead_bound: DeadBound,
     dispatch: mpsc::UnboundedSender<Vec<Pending>>,
 }
 
@@ -422,7 +464,7 @@ impl Writer {
                 let event = StoredEvent::decode(value.value())?;
                 let live = Live {
                     owed: 0,
-                    bytes: event.data.len() as u64,
+                    bytes: value.value().len() as u64,
                     stored_unix_ms: event.stored_unix_ms,
                 };
                 headers.insert(seq.value(), (event.key, event.topic, live));
@@ -435,6 +477,7 @@ impl Writer {
                     continue;
                 };
                 live.owed += 1;
+                live.bytes += subscription.len() as u64 + DELIVERY_ROW;
                 pending.push(Pending {
                     subscription: subscription.to_string(),
                     seq,
@@ -450,9 +493,10 @@ impl Writer {
             for row in dead.iter()? {
                 let (key, value) = row?;
                 max_seq = max_seq.max(key.value().1);
-                let record = DeadLetterRecord::decode(value.value())?;
+                let (subscription, _) = key.value();
                 self.dead_count += 1;
-                self.dead_total_bytes += record.event.map_or(0, |e| e.data.len() as u64);
+                self.dead_total_bytes +=
+                    value.value().len() as u64 + subscription.len() as u64 + DELIVERY_ROW;
             }
             self.next_seq = max_seq + 1;
             for (seq, (_, _, live)) in headers {
@@ -650,8 +694,6 @@ impl Writer {
                                     subscriptions,
                                 }
                             });
-                        self.dead_count += 1;
-                        self.dead_total_bytes += event.data.len() as u64;
                         let record = DeadLetterRecord {
                             event: Some(event),
                             subscription: subscription.clone(),
@@ -660,7 +702,10 @@ impl Writer {
                             last_error: error,
                             dead_unix_ms: unix_ms(),
                         };
+                        self.dead_count += 1;
+                        self.dead_total_bytes += dead_bytes(&subscription, &record);
                         tables.dead.insert(key, record.encode_to_vec().as_slice())?;
+                        self.evict_dead(tables.dead, &subscription, seq)?;
                         self.settle(&mut tables, seq)?;
                         if let Some(new) = again {
                             self.store(&mut tables, new, effects)?;
@@ -676,7 +721,7 @@ impl Writer {
                         let n = matching.len() as u64;
                         for ((subscription, seq), record) in matching {
                             tables.dead.remove((subscription.as_str(), seq))?;
-                            self.forget_dead(&record);
+                            self.forget_dead(&subscription, &record);
                             let Some(mut event) = record.event.filter(|_| replay) else {
                                 continue;
                             };
@@ -729,7 +774,7 @@ impl Writer {
                 stored_unix_ms: event.stored_unix_ms,
             });
         }
-        let bytes = event.data.len() as u64;
+        let bytes = stored_bytes(&event, &new.subscriptions);
         self.live_bytes += bytes;
         self.undo.push((seq, None));
         self.live.insert(
@@ -758,10 +803,56 @@ impl Writer {
         Ok(())
     }
 
-    fn forget_dead(&mut self, record: &DeadLetterRecord) {
+    fn forget_dead(&mut self, subscription: &str, record: &DeadLetterRecord) {
         self.dead_count = self.dead_count.saturating_sub(1);
-        let bytes = record.event.as_ref().map_or(0, |e| e.data.len() as u64);
+        let bytes = dead_bytes(subscription, record);
         self.dead_total_bytes = self.dead_total_bytes.saturating_sub(bytes);
+    }
+
+    /// Keeps the dead letters within their bound once `(subscription, seq)` was added: the
+    /// oldest of that subscription goes first (the one refusing everything pays for it),
+    /// then the oldest of the subscription first in order. The new one is kept unless it
+    /// alone is over the byte bound.
+    fn evict_dead(
+        &mut self,
+        dead: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+        subscription: &str,
+        seq: u64,
+    ) -> Result<(), OutboxError> {
+        let bound = self.dead_bound;
+        while self.dead_count > bound.max_events || self.dead_total_bytes > bound.max_bytes {
+            let own = dead
+                .range((subscription, 0)..(subscription, seq))?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().1);
+            let victim = match own {
+                Some(old) => (subscription.to_string(), old),
+                None => {
+                    let first = dead
+                        .iter()?
+                        .map(|row| row.map(|(k, _)| (k.value().0.to_string(), k.value().1)))
+                        .find(|row| !matches!(row, Ok((s, q)) if s == subscription && *q == seq))
+                        .transpose()?;
+                    match first {
+                        Some(other) => other,
+                        // Only the new one is left: it goes too if it alone is too large.
+                        None => (subscription.to_string(), seq),
+                    }
+                }
+            };
+            let Some(row) = dead.remove((victim.0.as_str(), victim.1))? else {
+                break;
+            };
+            let record = DeadLetterRecord::decode(row.value())?;
+            drop(row);
+            self.forget_dead(&victim.0, &record);
+            metrics::counter!("sinew_dead_letters_evicted_total").increment(1);
+            if victim.0 == subscription && victim.1 == seq {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn publish_gauges(&self) {
@@ -847,9 +938,16 @@ mod tests {
 
     /// Opens the outbox, waiting while the previous writer thread still holds the file.
     async fn reopen(path: &Path) -> (Outbox, Vec<Pending>, mpsc::UnboundedReceiver<Vec<Pending>>) {
+        reopen_with(path, DeadBound::default()).await
+    }
+
+    async fn reopen_with(
+        path: &Path,
+        bound: DeadBound,
+    ) -> (Outbox, Vec<Pending>, mpsc::UnboundedReceiver<Vec<Pending>>) {
         for _ in 0..100 {
             let (tx, rx) = mpsc::unbounded_channel();
-            if let Ok((outbox, pending)) = Outbox::open(path, tx) {
+            if let Ok((outbox, pending)) = Outbox::open(path, tx, bound) {
                 return (outbox, pending, rx);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -922,14 +1020,17 @@ mod tests {
                 })
                 .await;
             settled(&outbox, 1, 2).await;
-            let room = outbox.reserve(1, 10, 4, 1 << 20);
-            assert!(room.is_some(), "1 pending + 2 dead + 1 fits in 4");
+            let room = outbox.reserve(1, 10, 2, 1 << 20);
             assert!(
-                outbox.reserve(1, 10, 4, 1 << 20).is_none(),
+                room.is_some(),
+                "1 pending + 1 fits in 2 (dead letters apart)"
+            );
+            assert!(
+                outbox.reserve(1, 10, 2, 1 << 20).is_none(),
                 "the held room counts"
             );
             drop(room);
-            assert!(outbox.reserve(1, 10, 4, 1 << 20).is_some());
+            assert!(outbox.reserve(1, 10, 2, 1 << 20).is_some());
         }
         let (outbox, pending, rx) = reopen(&path).await;
         // Still owed: e3 to z-sub.
@@ -970,6 +1071,94 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         settled(&outbox, 1, 1).await;
+        drop(outbox);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sinew-outbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn every_stored_byte_counts_not_only_the_data() {
+        let dir = scratch("bytes");
+        let (outbox, _, _rx) = reopen(&dir.join("outbox.redb")).await;
+        // No data at all, but a kilobyte of attributes.
+        let mut event = event("an-id", 0);
+        event.subject = "s".repeat(1000);
+        event.source = "/svc/orders".into();
+        event
+            .extensions
+            .insert("traceparent".into(), "t".repeat(100));
+        event.key = "k".repeat(50);
+        let subscriptions = vec!["billing-orders".to_string()];
+        let counted = stored_bytes(&event, &subscriptions);
+        assert!(counted > 1150, "{counted}");
+        assert!(
+            outbox.reserve(1, counted, 100, 1000).is_none(),
+            "attributes alone can fill the byte bound"
+        );
+        outbox
+            .publish(vec![NewEvent {
+                event,
+                subscriptions,
+            }])
+            .await
+            .unwrap();
+        settled(&outbox, 1, 0).await;
+        assert_eq!(outbox.bytes.load(Ordering::Relaxed), counted);
+        drop(outbox);
+        // A restart counts the same bytes.
+        let (outbox, _, _rx) = reopen(&dir.join("outbox.redb")).await;
+        assert_eq!(outbox.bytes.load(Ordering::Relaxed), counted);
+        drop(outbox);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_have_their_own_bound_and_the_oldest_go() {
+        let dir = scratch("dead");
+        let bound = DeadBound {
+            max_events: 3,
+            max_bytes: 1 << 20,
+        };
+        let (outbox, _, mut rx) = reopen_with(&dir.join("outbox.redb"), bound).await;
+        let dead = |subscription: &str, seq| Note::Dead {
+            subscription: subscription.into(),
+            service: "s".into(),
+            seq,
+            attempts: 1,
+            error: "400".into(),
+            republish: None,
+        };
+        // `other` dead-letters one event; `refuser` refuses ten.
+        publish(&outbox, "o-1", &["other"]).await;
+        rx.recv().await.unwrap();
+        outbox.send(dead("other", 1)).await;
+        for i in 0..10 {
+            publish(&outbox, &format!("r-{i}"), &["refuser"]).await;
+            let seq = rx.recv().await.unwrap()[0].seq;
+            outbox.send(dead("refuser", seq)).await;
+        }
+        settled(&outbox, 0, 3).await;
+        let (matched, listed) = outbox.dead_letters(&Filter::default(), 10).unwrap();
+        let mut ids: Vec<String> = listed.iter().map(|d| d.event_id.clone()).collect();
+        ids.sort();
+        assert_eq!(matched, 3);
+        assert_eq!(
+            ids,
+            ["o-1", "r-8", "r-9"],
+            "the refuser's oldest went; the other subscription's one stayed"
+        );
+        // Dead letters take no room from publishes: the pending bound is untouched.
+        assert!(outbox.reserve(1, 10, 1, 1 << 10).is_some());
+        drop(outbox);
+        // After a restart the bound holds with what is on disk.
+        let (outbox, _, _rx) = reopen_with(&dir.join("outbox.redb"), bound).await;
+        assert_eq!(outbox.dead_events.load(Ordering::Relaxed), 3);
         drop(outbox);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -15,18 +15,48 @@ pub const KEY_HEADER: &str = "sinew-key";
 /// Keys are at most this long.
 pub const MAX_KEY: usize = 256;
 
-/// Why a published event is refused: a 4xx status and a message.
+/// The size caps of an event's attributes, in bytes (the data has `--event-max-bytes`).
+/// Every byte of an event is stored and counted against the outbox's bound; the caps keep
+/// one event's attributes small beside its data, whatever the body limit lets through.
+pub const MAX_ID: usize = 256;
+pub const MAX_TYPE: usize = 256;
+pub const MAX_SOURCE: usize = 1024;
+pub const MAX_SUBJECT: usize = 1024;
+pub const MAX_CONTENT_TYPE: usize = 256;
+/// The value of one extension attribute (`ce-<name>`, `time` included).
+pub const MAX_EXTENSION: usize = 1024;
+/// Extension attributes per event.
+pub const MAX_EXTENSIONS: usize = 32;
+
+/// Why a published event is refused: a 4xx status, the `sinew-error` reason and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
     pub status: http::StatusCode,
+    pub reason: &'static str,
     pub message: String,
 }
 
 fn bad(message: impl Into<String>) -> Invalid {
     Invalid {
         status: http::StatusCode::BAD_REQUEST,
+        reason: "bad-request",
         message: message.into(),
     }
+}
+
+/// 400 `attribute-too-large` when `value` is over `max` bytes; names the attribute.
+fn cap(attribute: &str, value: &str, max: usize) -> Result<(), Invalid> {
+    if value.len() <= max {
+        return Ok(());
+    }
+    Err(Invalid {
+        status: http::StatusCode::BAD_REQUEST,
+        reason: "attribute-too-large",
+        message: format!(
+            "attribute `{attribute}` is {} bytes; at most {max} are accepted",
+            value.len()
+        ),
+    })
 }
 
 /// What the sidecar knows about the publisher.
@@ -63,11 +93,13 @@ pub fn mode(content_type: Option<&str>) -> Result<Mode, Invalid> {
     } else if essence == "application/cloudevents-batch+json" {
         Err(Invalid {
             status: http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            reason: "unsupported-media-type",
             message: "a batch goes to POST /v1/events/<topic>:batch".into(),
         })
     } else if essence.starts_with("application/cloudevents") {
         Err(Invalid {
             status: http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            reason: "unsupported-media-type",
             message: format!(
                 "`{ct}`: only the JSON event format (application/cloudevents+json) is supported"
             ),
@@ -126,9 +158,7 @@ pub fn with_key_header(
     headers: &HeaderMap,
 ) -> Result<StoredEvent, Invalid> {
     if let Some(key) = key_header(headers)? {
-        if key.len() > MAX_KEY {
-            return Err(bad(format!("the key is longer than {MAX_KEY} bytes")));
-        }
+        cap("partitionkey", &key, MAX_KEY)?;
         if HeaderValue::from_str(&key).is_err() {
             return Err(bad("the key is not printable text"));
         }
@@ -234,12 +264,21 @@ fn build(
         )));
     }
     let key = key.unwrap_or_default();
-    if key.len() > MAX_KEY {
-        return Err(bad(format!("the key is longer than {MAX_KEY} bytes")));
-    }
+    cap("partitionkey", &key, MAX_KEY)?;
     let id = attrs.remove("id").unwrap_or_else(new_id);
     if id.is_empty() {
         return Err(bad("id must not be empty"));
+    }
+    cap("id", &id, MAX_ID)?;
+    cap("datacontenttype", &content_type, MAX_CONTENT_TYPE)?;
+    for (name, max) in [
+        ("type", MAX_TYPE),
+        ("source", MAX_SOURCE),
+        ("subject", MAX_SUBJECT),
+    ] {
+        if let Some(value) = attrs.get(name) {
+            cap(name, value, max)?;
+        }
     }
     for (name, value) in &attrs {
         let valid_name = !name.is_empty()
@@ -255,6 +294,22 @@ fn build(
         if HeaderValue::from_str(value).is_err() {
             return Err(bad(format!("attribute `{name}` is not printable text")));
         }
+        if !matches!(name.as_str(), "type" | "source" | "subject") {
+            cap(name, value, MAX_EXTENSION)?;
+        }
+    }
+    let extensions = attrs
+        .keys()
+        .filter(|n| !matches!(n.as_str(), "type" | "source" | "subject"))
+        .count();
+    if extensions > MAX_EXTENSIONS {
+        return Err(Invalid {
+            status: http::StatusCode::BAD_REQUEST,
+            reason: "attribute-too-large",
+            message: format!(
+                "the event has {extensions} extension attributes; at most {MAX_EXTENSIONS} are accepted"
+            ),
+        });
     }
     for (what, value) in [("id", &id), ("key", &key), ("content type", &content_type)] {
         if HeaderValue::from_str(value).is_err() {
@@ -438,6 +493,72 @@ mod tests {
             let err = from_json("a", &bad_event, &origin()).unwrap_err();
             assert!(err.message.contains(reason), "{bad_event}: {err:?}");
         }
+    }
+
+    #[test]
+    fn every_attribute_has_a_size_cap_named_in_the_refusal() {
+        let long = |n: usize| "a".repeat(n);
+        let cases = [
+            ("id", MAX_ID),
+            ("type", MAX_TYPE),
+            ("source", MAX_SOURCE),
+            ("subject", MAX_SUBJECT),
+            ("partitionkey", MAX_KEY),
+            ("traceparent", MAX_EXTENSION),
+            ("time", MAX_EXTENSION),
+        ];
+        for (attribute, max) in cases {
+            // At the cap: accepted, in both modes.
+            let v = serde_json::json!({ attribute: long(max) });
+            assert!(
+                from_json("a", &v, &origin()).is_ok(),
+                "{attribute} at {max}"
+            );
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(format!("ce-{attribute}").as_bytes()).unwrap(),
+                HeaderValue::from_str(&long(max)).unwrap(),
+            );
+            assert!(from_binary("a", &h, Bytes::new(), &origin()).is_ok());
+            // One byte more: 400 naming it.
+            let v = serde_json::json!({ attribute: long(max + 1) });
+            let err = from_json("a", &v, &origin()).unwrap_err();
+            assert_eq!(err.status, http::StatusCode::BAD_REQUEST);
+            assert_eq!(err.reason, "attribute-too-large");
+            assert!(
+                err.message.contains(&format!("`{attribute}`")),
+                "{attribute}: {}",
+                err.message
+            );
+            h.insert(
+                http::HeaderName::from_bytes(format!("ce-{attribute}").as_bytes()).unwrap(),
+                HeaderValue::from_str(&long(max + 1)).unwrap(),
+            );
+            let err = from_binary("a", &h, Bytes::new(), &origin()).unwrap_err();
+            assert!(err.message.contains(&format!("`{attribute}`")), "{err:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_str(&format!("text/{}", long(MAX_CONTENT_TYPE))).unwrap(),
+        );
+        let err = from_binary("a", &h, Bytes::new(), &origin()).unwrap_err();
+        assert!(err.message.contains("`datacontenttype`"), "{err:?}");
+        h.clear();
+        h.insert(
+            KEY_HEADER,
+            HeaderValue::from_str(&long(MAX_KEY + 1)).unwrap(),
+        );
+        let err = from_binary("a", &h, Bytes::new(), &origin()).unwrap_err();
+        assert!(err.message.contains("`partitionkey`"), "{err:?}");
+        // The number of extensions is capped too.
+        let mut object = serde_json::Map::new();
+        for i in 0..=MAX_EXTENSIONS {
+            object.insert(format!("ext{i}"), "x".into());
+        }
+        let err = from_json("a", &serde_json::Value::Object(object), &origin()).unwrap_err();
+        assert_eq!(err.reason, "attribute-too-large");
+        assert!(err.message.contains("extension attributes"), "{err:?}");
     }
 
     #[test]
