@@ -257,6 +257,19 @@ fn document_diffs(documents: &[sinew_proto::v1::AppliedDocument], source: &str) 
         .collect()
 }
 
+/// The registered services and their instances (what `get services` prints).
+pub async fn list_services(target: &Target) -> anyhow::Result<Vec<ServiceInfo>> {
+    let mut client = Client::connect(target).await?;
+    let request = client.request(ListServicesRequest {});
+    Ok(client
+        .inner
+        .list_services(request)
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner()
+        .services)
+}
+
 /// `sinewctl get services`.
 pub async fn get_services(target: &Target) -> anyhow::Result<()> {
     let mut client = Client::connect(target).await?;
