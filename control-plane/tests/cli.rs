@@ -253,3 +253,46 @@ async fn a_control_plane_with_policy_files_refuses_apply_and_delete() {
     control.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 18, item 5: `status` explains the version jump after a restart; a lower-case kind is
+/// refused with a hint; an empty answer (`no dead letters`, `no sidecars`) goes to stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_explains_the_version_jump_and_kinds_are_case_sensitive() {
+    let dir = temp_dir("cli-restart");
+    let control = start(&dir, Duration::from_secs(10)).await;
+    let lower = write(&dir, "lower.yaml", "kind: service\nname: orders\n");
+    let refused = sinewctl(&control, &dir, &["apply", "-f", s(&lower)]);
+    assert!(!refused.status.success());
+    assert_eq!(
+        err(&refused),
+        "error: document 1 (service orders): kind: unknown kind `service`: kinds are case-sensitive and singular; did you mean Service?\n"
+    );
+    let good = write(&dir, "good.yaml", "kind: Service\nname: orders\n");
+    assert!(
+        sinewctl(&control, &dir, &["apply", "-f", s(&good)])
+            .status
+            .success()
+    );
+    let before = out(&sinewctl(&control, &dir, &["status"]));
+    assert_eq!(
+        before,
+        "version 1\npolicy from sinewctl apply\n\nno sidecars\n"
+    );
+    control.shutdown().await.unwrap();
+
+    let control = start(&dir, Duration::from_secs(10)).await;
+    let after = out(&sinewctl(&control, &dir, &["status"]));
+    assert_eq!(
+        after,
+        "version 1001 (started at 1001 after a restart: versions are reserved in blocks of 1000, \
+         so a restarted control plane continues past the last block and never reuses one)\n\
+         policy from sinewctl apply\n\nno sidecars\n"
+    );
+    let services = sinewctl(&control, &dir, &["get", "services"]);
+    assert!(out(&services).starts_with("SERVICE   POLICY   INSTANCES\norders    yes      -\n"));
+    let none = sinewctl(&control, &dir, &["events", "dead-letters"]);
+    assert!(none.status.success(), "{}", err(&none));
+    assert_eq!(out(&none), "no dead letters\n");
+    control.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
