@@ -3,7 +3,9 @@
 //! - `apply`, `diff`, `get`, `delete`, `status`, `events` talk to the control plane's admin API
 //!   (gRPC, bearer token) — see [`admin`];
 //! - `up FILE` starts a whole local mesh (control plane, one sidecar per instance, the apps)
-//!   from one YAML file, and stops all of it on Ctrl-C — see [`up`].
+//!   from one YAML file, and stops all of it on Ctrl-C — see [`up`];
+//! - `run --service NAME -- APP` starts one sidecar beside one app, joining a running mesh —
+//!   see [`run`].
 //!
 //! The binary is self-contained: it speaks only the wire contract in `sinew_proto`, never the
 //! control plane's internals, so it works against any control plane of the same protocol.
@@ -12,6 +14,7 @@
 
 mod admin;
 mod diff;
+mod run;
 mod table;
 mod up;
 
@@ -79,6 +82,9 @@ enum Command {
     Events(EventsCommand),
     /// Start a local mesh from one YAML file; Ctrl-C stops all of it.
     Up(up::UpArgs),
+    /// Run one app with its own sidecar, joining the mesh of --control (like `dapr run`);
+    /// Ctrl-C stops both, and the exit status is the app's.
+    Run(run::RunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::dead_letters(&target, Op::Purge, filter).await
         }
         Command::Up(args) => return up::run(args).await,
+        Command::Run(args) => return run::run(args, &target.addr).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }
