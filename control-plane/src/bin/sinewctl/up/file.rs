@@ -5,7 +5,7 @@
 //!   grpc: 127.0.0.1:7700        # the control plane's gRPC (sidecar + admin API); port 0 = any
 //!   http: 127.0.0.1:7701        # its /metrics and /healthz
 //! policy: |                     # optional; policy documents, applied at control-plane start
-//!   kind: Service
+//!   kind: Service               #   and then its whole policy (`sinewctl apply` is refused)
 //!   name: orders
 //!   spec: {timeout: 2s, allow: [web]}
 //! events:                       # optional; where the sidecars keep events
