@@ -66,6 +66,15 @@ pub struct Applied {
     pub diffs: Vec<(Option<String>, String)>,
 }
 
+/// The services with a live instance (connected, or within its lease).
+fn live_services(inner: &Inner) -> BTreeSet<String> {
+    inner
+        .registry
+        .live_specs()
+        .map(|s| s.service.clone())
+        .collect()
+}
+
 #[derive(Debug)]
 struct Inner {
     policies: PolicySet,
@@ -184,11 +193,7 @@ impl Mesh {
             self.writable()?;
         }
         let mut inner = self.lock();
-        let live: BTreeSet<String> = inner
-            .registry
-            .live_specs()
-            .map(|s| s.service.clone())
-            .collect();
+        let live = live_services(&inner);
         let warnings = inner.policies.dangling_references(&docs, &live);
         if options.strict && !warnings.is_empty() {
             return Err(MeshError::Dangling(warnings));
@@ -218,11 +223,7 @@ impl Mesh {
     /// The `--policy` files now hold exactly `docs`. Returns whether the policy changed.
     pub fn sync_files(&self, docs: Vec<Document>) -> Result<bool, MeshError> {
         let mut inner = self.lock();
-        let live: BTreeSet<String> = inner
-            .registry
-            .live_specs()
-            .map(|s| s.service.clone())
-            .collect();
+        let live = live_services(&inner);
         for warning in inner.policies.dangling_references(&docs, &live) {
             tracing::warn!("policy files: {warning}");
         }
