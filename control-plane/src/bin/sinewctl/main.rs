@@ -75,7 +75,8 @@ enum Command {
     /// Delete a policy document.
     #[command(subcommand)]
     Delete(DeleteCommand),
-    /// Every sidecar's connection and configuration state (like `istioctl proxy-status`).
+    /// The control plane's version and policy source, and every sidecar's connection and
+    /// configuration state (like `istioctl proxy-status`).
     Status,
     /// Dead letters: list, replay, purge (asks every connected sidecar).
     #[command(subcommand)]
