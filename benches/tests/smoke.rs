@@ -88,3 +88,32 @@ fn the_control_plane_benchmark_produces_results() {
     assert!(scale["control_peak_rss_kib"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Issue 18, item 5: a bad flag value names the flag, the value and the form expected.
+#[test]
+fn a_bad_flag_value_names_the_flag_and_the_form() {
+    for (args, expected) in [
+        (
+            ["--seconds", "15,8"],
+            "--seconds: `15,8` is not one number of seconds, e.g. 15",
+        ),
+        (
+            ["--rates", "1000,fast"],
+            "--rates: `fast` is not requests per second, e.g. 1000,5000",
+        ),
+        (
+            ["--reps", "-1"],
+            "--reps: `-1` is not a whole number, e.g. 3",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_mesh-bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // The first line: a RUST_BACKTRACE in the environment adds a backtrace after it.
+        let first = stderr.lines().next().unwrap_or_default();
+        assert_eq!(first, format!("Error: {expected}"), "{args:?}: {stderr}");
+    }
+}

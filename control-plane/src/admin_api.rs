@@ -3,8 +3,10 @@
 //! Policy comes in as a YAML stream and is validated completely before anything changes; a
 //! refusal's message is the [`PolicyError`](sinew_proto::policy::PolicyError) text, which
 //! names the document, the field path and the reason, so `sinewctl apply` can print it as is.
+//! A control plane started with `--policy` answers `Apply` and `Delete` with
+//! `FAILED_PRECONDITION` naming the files: one source of truth (see `policies`).
 
-use crate::mesh::{Mesh, MeshError};
+use crate::mesh::{ApplyOptions, Mesh, MeshError};
 use crate::metrics as m;
 use crate::session::Streams;
 use crate::tokens::constant_time_eq;
@@ -61,13 +63,36 @@ impl tonic::service::Interceptor for RequireToken {
     }
 }
 
-fn internal(e: MeshError) -> Status {
-    tracing::error!("{e}");
-    Status::internal(e.to_string())
+fn refused(e: MeshError) -> Status {
+    match e {
+        MeshError::Store(_) => {
+            tracing::error!("{e}");
+            Status::internal(e.to_string())
+        }
+        MeshError::PolicyFromFiles(_) | MeshError::Dangling(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+    }
 }
 
-fn kind(text: &str) -> Result<Kind, Status> {
-    Kind::parse(text).map_err(Status::invalid_argument)
+/// A kind as a command names it: like a Kubernetes resource name, any case, singular or
+/// plural (`service`, `Services`). The `kind:` of a document is stricter ([`Kind::parse`]).
+/// Empty: every kind.
+fn kind_selector(text: &str) -> Result<Option<Kind>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let lower = text.to_ascii_lowercase();
+    let singular = lower.strip_suffix('s').unwrap_or(&lower);
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.to_string().to_ascii_lowercase() == singular)
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown kind `{text}` (known: Service, Subscription)"
+            ))
+        })
 }
 
 /// Documents as a YAML stream, the way `sinewctl get` prints them.
@@ -127,41 +152,71 @@ impl AdminApi for AdminApiService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
-        let docs = match parse_documents(&request.into_inner().yaml) {
+        let request = request.into_inner();
+        let docs = match parse_documents(&request.yaml) {
             Ok(docs) => docs,
             Err(e) => {
                 m::policy_apply("invalid");
                 return Err(Status::invalid_argument(e.to_string()));
             }
         };
-        let (outcomes, version) = self.mesh.apply(docs).map_err(|e| {
-            m::policy_apply("error");
-            internal(e)
+        let options = ApplyOptions {
+            strict: request.strict,
+            dry_run: request.dry_run,
+        };
+        let applied = self.mesh.apply(docs, options).map_err(|e| {
+            m::policy_apply(match e {
+                MeshError::Store(_) => "error",
+                _ => "refused",
+            });
+            refused(e)
         })?;
-        m::policy_apply("ok");
-        for (kind, name, outcome) in &outcomes {
-            tracing::info!(%kind, %name, outcome = outcome.as_str(), version, "policy applied");
+        if !options.dry_run {
+            m::policy_apply("ok");
+            for (kind, name, outcome) in &applied.outcomes {
+                let version = applied.version;
+                tracing::info!(%kind, %name, outcome = outcome.as_str(), version, "policy applied");
+            }
+            for warning in &applied.warnings {
+                tracing::warn!("applied with a warning: {warning}");
+            }
         }
+        let mut diffs = applied.diffs.into_iter();
         Ok(Response::new(ApplyResponse {
-            documents: outcomes
+            documents: applied
+                .outcomes
                 .into_iter()
-                .map(|(kind, name, outcome)| AppliedDocument {
-                    kind: kind.to_string(),
-                    name,
-                    outcome: outcome.as_str().to_string(),
+                .map(|(kind, name, outcome)| {
+                    let (live_yaml, new_yaml) = diffs.next().unwrap_or_default();
+                    AppliedDocument {
+                        kind: kind.to_string(),
+                        name,
+                        outcome: outcome.as_str().to_string(),
+                        live_yaml: live_yaml.unwrap_or_default(),
+                        new_yaml,
+                    }
                 })
                 .collect(),
-            version,
+            version: applied.version,
+            warnings: applied.warnings,
+            policy_source: self
+                .mesh
+                .policy_source()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let request = request.into_inner();
-        let kind = kind(&request.kind)?;
+        let kind = kind_selector(&request.kind)?;
         let name = (!request.name.is_empty()).then_some(request.name.as_str());
         let docs = self.mesh.documents(kind, name);
         if let (Some(name), true) = (name, docs.is_empty()) {
-            return Err(Status::not_found(format!("{kind} `{name}` not found")));
+            return Err(Status::not_found(match kind {
+                Some(kind) => format!("{kind} `{name}` not found"),
+                None => format!("no policy document named `{name}`"),
+            }));
         }
         Ok(Response::new(GetResponse {
             yaml: yaml_stream(&docs),
@@ -173,8 +228,9 @@ impl AdminApi for AdminApiService {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let request = request.into_inner();
-        let kind = kind(&request.kind)?;
-        match self.mesh.delete(kind, &request.name).map_err(internal)? {
+        let kind = kind_selector(&request.kind)?
+            .ok_or_else(|| Status::invalid_argument("DeleteRequest.kind is empty"))?;
+        match self.mesh.delete(kind, &request.name).map_err(refused)? {
             Some(version) => {
                 tracing::info!(%kind, name = %request.name, version, "policy deleted");
                 Ok(Response::new(DeleteResponse { version }))
@@ -231,6 +287,21 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert_eq!(call(None).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn kinds_as_commands_name_them() {
+        assert_eq!(kind_selector("").unwrap(), None);
+        assert_eq!(kind_selector("service").unwrap(), Some(Kind::Service));
+        assert_eq!(
+            kind_selector("Subscriptions").unwrap(),
+            Some(Kind::Subscription)
+        );
+        let e = kind_selector("Route").unwrap_err();
+        assert_eq!(
+            e.message(),
+            "unknown kind `Route` (known: Service, Subscription)"
+        );
     }
 
     #[test]

@@ -18,7 +18,8 @@ use crate::store::{Store, StoreError, StoredDocument};
 use crate::sync::Answer;
 use sinew_proto::policy::{Document, Kind, parse_documents};
 use sinew_proto::v1::{InstanceInfo, ServiceInfo, SidecarStatus, StatusResponse};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -30,6 +31,48 @@ const VERSION_BLOCK: u64 = 1000;
 pub enum MeshError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The control plane takes its policy from files: one source of truth, so the admin
+    /// API neither applies nor deletes.
+    #[error(
+        "this control plane takes its policy from {} (sinew-control --policy): edit it there \
+         (it is reloaded within a second); `apply` and `delete` work only on a control plane \
+         started without --policy",
+        .0.display()
+    )]
+    PolicyFromFiles(PathBuf),
+    /// `--strict` and references to services that have neither policy nor instances.
+    #[error("refused (--strict), nothing applied:\n{}", .0.join("\n"))]
+    Dangling(Vec<String>),
+}
+
+/// How to apply documents through the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Refuse when a document references a service with neither policy nor instances.
+    pub strict: bool,
+    /// Plan and report, change nothing.
+    pub dry_run: bool,
+}
+
+/// What an apply did (or, dry, would do).
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub outcomes: Outcomes,
+    /// The version after the apply.
+    pub version: u64,
+    /// References to services with neither policy nor instances.
+    pub warnings: Vec<String>,
+    /// Dry runs only: per document, the stored YAML (if any) and the YAML it would become.
+    pub diffs: Vec<(Option<String>, String)>,
+}
+
+/// The services with a live instance (connected, or within its lease).
+fn live_services(inner: &Inner) -> BTreeSet<String> {
+    inner
+        .registry
+        .live_specs()
+        .map(|s| s.service.clone())
+        .collect()
 }
 
 #[derive(Debug)]
@@ -49,6 +92,10 @@ pub struct Mesh {
     store: Store,
     trust_domain: String,
     lease_changed: Notify,
+    /// The `--policy` path when policy comes from files (then the admin API is read-only).
+    policy_source: Option<PathBuf>,
+    /// The version at start: after a restart, past the last reserved block (see `bump`).
+    started_at: u64,
 }
 
 impl Mesh {
@@ -104,7 +151,28 @@ impl Mesh {
             store,
             trust_domain: trust_domain.to_string(),
             lease_changed: Notify::new(),
+            policy_source: None,
+            started_at: version,
         })
+    }
+
+    /// Policy comes from the files at `path` (`--policy`): the admin API may no longer
+    /// apply or delete.
+    pub fn with_policy_source(mut self, path: &Path) -> Mesh {
+        self.policy_source = Some(path.to_path_buf());
+        self
+    }
+
+    /// The `--policy` path when policy comes from files.
+    pub fn policy_source(&self) -> Option<&Path> {
+        self.policy_source.as_deref()
+    }
+
+    fn writable(&self) -> Result<(), MeshError> {
+        match &self.policy_source {
+            Some(path) => Err(MeshError::PolicyFromFiles(path.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The snapshots, newest first: what stream tasks wait on.
@@ -118,24 +186,58 @@ impl Mesh {
 
     // ----- policy -----
 
-    /// Applies documents from the admin API. Returns each document's outcome and the version.
-    pub fn apply(&self, docs: Vec<Document>) -> Result<(Outcomes, u64), MeshError> {
+    /// Applies documents from the admin API (or, dry, says what that would do): each
+    /// document's outcome, the version, and the references to unknown services.
+    pub fn apply(&self, docs: Vec<Document>, options: ApplyOptions) -> Result<Applied, MeshError> {
+        if !options.dry_run {
+            self.writable()?;
+        }
         let mut inner = self.lock();
+        let live = live_services(&inner);
+        let warnings = inner.policies.dangling_references(&docs, &live);
+        if options.strict && !warnings.is_empty() {
+            return Err(MeshError::Dangling(warnings));
+        }
+        let diffs = if options.dry_run {
+            docs.iter()
+                .map(|d| {
+                    let live = inner.policies.get(d.kind, &d.name);
+                    (live.map(|e| e.document.to_yaml()), d.to_yaml())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let change = inner.policies.plan_apply(docs);
-        self.write_policy(&mut inner, &change)?;
-        Ok((change.outcomes, inner.version))
+        if !options.dry_run {
+            self.write_policy(&mut inner, &change)?;
+        }
+        Ok(Applied {
+            outcomes: change.outcomes,
+            version: inner.version,
+            warnings,
+            diffs,
+        })
     }
 
     /// The `--policy` files now hold exactly `docs`. Returns whether the policy changed.
     pub fn sync_files(&self, docs: Vec<Document>) -> Result<bool, MeshError> {
         let mut inner = self.lock();
+        let live = live_services(&inner);
+        for warning in inner.policies.dangling_references(&docs, &live) {
+            tracing::warn!("policy files: {warning}");
+        }
         let change = inner.policies.plan_file_sync(docs);
+        for key in &change.deletes {
+            tracing::info!(document = %key, "removed: not in the policy files");
+        }
         self.write_policy(&mut inner, &change)?;
         Ok(change.changes_policy())
     }
 
     /// Deletes a document; `None` if there is none.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<Option<u64>, MeshError> {
+        self.writable()?;
         let mut inner = self.lock();
         let Some(change) = inner.policies.plan_delete(kind, name) else {
             return Ok(None);
@@ -144,22 +246,17 @@ impl Mesh {
         Ok(Some(inner.version))
     }
 
-    /// The stored documents of `kind`: one by name, or all of them.
-    pub fn documents(&self, kind: Kind, name: Option<&str>) -> Vec<Document> {
+    /// The stored documents of `kind` (`None`: of every kind), all of them or those named
+    /// `name`.
+    pub fn documents(&self, kind: Option<Kind>, name: Option<&str>) -> Vec<Document> {
         let inner = self.lock();
-        match name {
-            Some(name) => inner
-                .policies
-                .get(kind, name)
-                .map(|e| e.document.clone())
-                .into_iter()
-                .collect(),
-            None => inner
-                .policies
-                .of_kind(kind)
-                .map(|e| e.document.clone())
-                .collect(),
-        }
+        inner
+            .policies
+            .all()
+            .filter(|e| kind.is_none_or(|k| e.document.kind == k))
+            .filter(|e| name.is_none_or(|n| e.document.name == n))
+            .map(|e| e.document.clone())
+            .collect()
     }
 
     fn write_policy(
@@ -325,6 +422,12 @@ impl Mesh {
         let inner = self.lock();
         StatusResponse {
             version: inner.version,
+            started_at_version: self.started_at,
+            policy_source: self
+                .policy_source
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             sidecars: inner
                 .registry
                 .entries()

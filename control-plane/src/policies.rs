@@ -1,13 +1,14 @@
 //! The applied policy documents, and what a change to them would do.
 //!
-//! Two ways in: `sinewctl apply` (the admin API) and the `--policy` files. A change is first
-//! planned against the current set (pure code, no I/O), then persisted, then committed to
-//! memory, so a failed write changes nothing. The set remembers which documents came from
-//! files, so a document removed from the files is removed from the mesh, while documents
-//! applied by hand are left alone.
+//! Two ways in, one at a time: `sinewctl apply` (the admin API), or the `--policy` files. A
+//! control plane started with `--policy` takes its whole policy from the files (GitOps: the
+//! admin API refuses to apply or delete, see `mesh`), so a document missing from the files
+//! is removed from the mesh whichever way it came in. A change is first planned against the
+//! current set (pure code, no I/O), then persisted, then committed to memory, so a failed
+//! write changes nothing.
 
-use sinew_proto::policy::{Document, Kind};
-use std::collections::BTreeMap;
+use sinew_proto::policy::{Document, Kind, Spec};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The store key of a document: `Service/orders`.
 pub fn key(kind: Kind, name: &str) -> String {
@@ -101,22 +102,63 @@ impl PolicySet {
         self.plan_upserts(docs, false)
     }
 
-    /// The `--policy` files now hold exactly `docs`: upsert them and delete the documents that
-    /// came from the files before and are no longer in them.
+    /// The `--policy` files now hold exactly `docs`, and they are the whole policy: upsert
+    /// them and delete every other document (one applied by hand before the control plane
+    /// was started with `--policy` included).
     pub fn plan_file_sync(&self, docs: Vec<Document>) -> Change {
         let mut change = self.plan_upserts(docs, true);
-        let kept: Vec<String> = change
+        let kept: BTreeSet<String> = change
             .outcomes
             .iter()
             .map(|(kind, name, _)| key(*kind, name))
             .collect();
         change.deletes = self
             .entries
-            .iter()
-            .filter(|(k, e)| e.from_file && !kept.contains(k))
-            .map(|(k, _)| k.clone())
+            .keys()
+            .filter(|k| !kept.contains(*k))
+            .cloned()
             .collect();
         change
+    }
+
+    /// Every reference in `docs` to a service that has neither policy (here or in `docs`)
+    /// nor a live instance (`live`): `allow`, `calls` and a subscription's `service`. Such a
+    /// reference is valid (the service may come later) but is usually a typo: an `allow`
+    /// typo locks the real caller out, a subscription to nobody dead-letters every event
+    /// after its retries. One line per reference, naming the document and the field.
+    pub fn dangling_references(&self, docs: &[Document], live: &BTreeSet<String>) -> Vec<String> {
+        let known = |name: &str| {
+            live.contains(name)
+                || self.get(Kind::Service, name).is_some()
+                || docs
+                    .iter()
+                    .any(|d| d.kind == Kind::Service && d.name == name)
+        };
+        let mut warnings = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            let mut check = |path: String, name: &str| {
+                if !known(name) {
+                    warnings.push(format!(
+                        "document {} ({} {}): {path}: service `{name}` has no policy and no instances (a typo?)",
+                        i + 1,
+                        doc.kind,
+                        doc.name
+                    ));
+                }
+            };
+            match &doc.spec {
+                Spec::Service(spec) => {
+                    for (j, name) in spec.allow.iter().enumerate() {
+                        check(format!("spec.allow[{j}]"), name);
+                    }
+                    for (j, name) in spec.calls.iter().flatten().enumerate() {
+                        check(format!("spec.calls[{j}]"), name);
+                    }
+                }
+                Spec::Subscription(spec) => check("spec.service".into(), &spec.service),
+            }
+        }
+        warnings
     }
 
     /// Deleting one document; `None` if there is no such document.
@@ -174,6 +216,11 @@ impl PolicySet {
             .filter(move |e| e.document.kind == kind)
     }
 
+    /// Every document, by kind then name.
+    pub fn all(&self) -> impl Iterator<Item = &PolicyEntry> {
+        self.entries.values()
+    }
+
     /// The `kind: Service` documents, by service name.
     pub fn services(&self) -> impl Iterator<Item = (&str, &PolicyEntry)> {
         self.of_kind(Kind::Service)
@@ -228,30 +275,53 @@ mod tests {
     }
 
     #[test]
-    fn file_sync_deletes_only_what_came_from_files() {
+    fn file_sync_makes_the_files_the_whole_policy() {
         let mut set = PolicySet::default();
-        set.commit(&set.plan_file_sync(docs(
-            "kind: Service\nname: a\n---\nkind: Service\nname: f\n",
-        )));
+        // Applied by hand before the control plane was started with `--policy`.
         set.commit(&set.plan_apply(docs("kind: Service\nname: m\n")));
+        let c = set.plan_file_sync(docs(
+            "kind: Service\nname: a\n---\nkind: Service\nname: f\n",
+        ));
+        assert_eq!(c.deletes, vec!["Service/m".to_string()]);
+        set.commit(&c);
 
         let c = set.plan_file_sync(docs("kind: Service\nname: a\n"));
         assert_eq!(c.deletes, vec!["Service/f".to_string()]);
         assert!(c.changes_policy());
         set.commit(&c);
         let names: Vec<&str> = set.services().map(|(n, _)| n).collect();
-        assert_eq!(names, ["a", "m"]);
+        assert_eq!(names, ["a"]);
+        assert!(
+            set.plan_file_sync(docs("kind: Service\nname: a\n"))
+                .is_empty()
+        );
     }
 
     #[test]
-    fn applying_a_file_document_by_hand_takes_it_over() {
+    fn references_to_unknown_services_are_named_with_their_field() {
         let mut set = PolicySet::default();
-        set.commit(&set.plan_file_sync(docs("kind: Service\nname: a\n")));
-        let c = set.plan_apply(docs("kind: Service\nname: a\n"));
-        assert!(!c.changes_policy(), "same content");
-        assert_eq!(c.upserts.len(), 1, "origin is rewritten");
-        set.commit(&c);
-        assert!(set.plan_file_sync(Vec::new()).deletes.is_empty());
+        set.commit(&set.plan_apply(docs("kind: Service\nname: orders\n")));
+        let live = BTreeSet::from(["web".to_string()]);
+        let input = docs(
+            "kind: Service\nname: billing\nspec: {allow: [web, webb], calls: [orders, ghost]}\n---\n\
+             kind: Subscription\nname: s\nspec: {topic: t, service: billing}\n---\n\
+             kind: Subscription\nname: g\nspec: {topic: t, service: ghost}\n",
+        );
+        assert_eq!(
+            set.dangling_references(&input, &live),
+            [
+                "document 1 (Service billing): spec.allow[1]: service `webb` has no policy and no instances (a typo?)",
+                "document 1 (Service billing): spec.calls[1]: service `ghost` has no policy and no instances (a typo?)",
+                "document 3 (Subscription g): spec.service: service `ghost` has no policy and no instances (a typo?)",
+            ]
+        );
+        assert!(
+            set.dangling_references(
+                &docs("kind: Service\nname: a\nspec: {allow: [orders, web, a]}\n"),
+                &live
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -119,7 +119,11 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
         unix_ms() / 1000,
     )
     .context("mesh CA")?;
-    let mesh = Arc::new(Mesh::open(store, &config.trust_domain, config.lease_grace)?);
+    let mut mesh = Mesh::open(store, &config.trust_domain, config.lease_grace)?;
+    if let Some(path) = &config.policy {
+        mesh = mesh.with_policy_source(path);
+    }
+    let mesh = Arc::new(mesh);
 
     let policy = match &config.policy {
         Some(path) => {

@@ -67,6 +67,44 @@ fn prints_its_addresses_and_exits_cleanly_on_sigterm() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 18, item 5: stderr going to a file (as under `sinewctl up`, or `2> log`) gets no
+/// ANSI colour codes, even without NO_COLOR.
+#[test]
+fn a_log_file_gets_no_colour_codes() {
+    let dir = std::env::temp_dir().join(format!(
+        "sinew-control-bin-log-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("control.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening grpc="), "{line}");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("control plane started"), "{text}");
+    assert!(!text.contains('\x1b'), "escape codes in the log: {text:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn refuses_to_start_on_bad_flags_with_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_sinew-control"))

@@ -586,10 +586,29 @@ async fn policy_files_are_loaded_and_reloaded() {
 
     let control = sinew_control::serve(config).await.unwrap();
     let mut admin = Admin::new(&control).await;
-    admin.apply("kind: Service\nname: manual\n").await.unwrap();
     assert!(admin.get("service", "b").await.is_ok());
+    // The files are the policy: the admin API neither applies nor deletes.
+    let refused = admin
+        .apply("kind: Service\nname: manual\n")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with(&format!(
+            "this control plane takes its policy from {} (sinew-control --policy)",
+            policy_dir.display()
+        )),
+        "{refused:?}"
+    );
+    let refused = admin.delete("service", "a").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(admin.get("service", "a").await.is_ok());
+    assert_eq!(
+        admin.status().await.policy_source,
+        policy_dir.display().to_string()
+    );
 
-    // A change: b removed, a changed. Documents applied by hand stay.
+    // A change: b removed, a changed.
     std::fs::write(
         policy_dir.join("a.yaml"),
         "kind: Service\nname: a\nspec: {timeout: 5s}\n",
@@ -610,7 +629,6 @@ async fn policy_files_are_loaded_and_reloaded() {
             .unwrap()
             .contains("timeout: 5s")
     );
-    assert!(admin.get("service", "manual").await.is_ok());
 
     // An invalid change is logged and changes nothing.
     let version = admin.status().await.version;

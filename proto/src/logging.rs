@@ -1,12 +1,14 @@
 //! Logging set-up shared by the two binaries (`sinew-sidecar`, `sinew-control`), behind the
 //! `logging` feature so the wire contract's other users do not build a log subscriber.
 
+use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
 /// Logs to stderr, filtered by `RUST_LOG` as `level` or `target=level,...` (default `info`).
 /// A `Targets` filter, not `EnvFilter`: no regex engine in the binary for a log filter. A
-/// spec that does not parse is reported (as `binary`) and `info` used.
+/// spec that does not parse is reported (as `binary`) and `info` used. Colours only when
+/// stderr is a terminal and `NO_COLOR` is unset: a log file gets no escape codes.
 pub fn init(binary: &str) {
     let default = || Targets::new().with_default(LevelFilter::INFO);
     let filter = match std::env::var("RUST_LOG") {
@@ -17,9 +19,21 @@ pub fn init(binary: &str) {
         Err(_) => default(),
     };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour(
+                    std::io::stderr().is_terminal(),
+                    std::env::var_os("NO_COLOR"),
+                )),
+        )
         .with(filter)
         .init();
+}
+
+/// Colour on a terminal, unless `NO_COLOR` is set to something (https://no-color.org).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Empty entries (`info,`) are skipped: `Targets` would read one as `error`.
@@ -35,6 +49,14 @@ fn parse(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 
     #[test]
     fn rust_log_forms_the_repo_uses_parse_and_empty_entries_are_skipped() {

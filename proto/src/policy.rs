@@ -33,12 +33,25 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Service, Kind::Subscription];
+
+    /// A document's `kind`: case-sensitive, as in Kubernetes (`service` is refused with a
+    /// hint, so one spelling is stored and shown everywhere).
     pub fn parse(text: &str) -> Result<Kind, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "service" | "services" => Ok(Kind::Service),
-            "subscription" | "subscriptions" => Ok(Kind::Subscription),
-            other => Err(format!(
-                "unknown kind `{other}` (known: Service, Subscription)"
+        if let Some(kind) = Kind::ALL.into_iter().find(|k| k.to_string() == text) {
+            return Ok(kind);
+        }
+        let lower = text.to_ascii_lowercase();
+        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        match Kind::ALL.into_iter().find(|k| {
+            let known = k.to_string().to_ascii_lowercase();
+            known == lower || known == singular
+        }) {
+            Some(kind) => Err(format!(
+                "unknown kind `{text}`: kinds are case-sensitive and singular; did you mean {kind}?"
+            )),
+            None => Err(format!(
+                "unknown kind `{text}` (known: Service, Subscription)"
             )),
         }
     }
@@ -825,6 +838,15 @@ mod tests {
 
         let err = parse_documents("kind: Gateway\nname: a\n").unwrap_err();
         assert_eq!(err.path, "kind");
+        assert!(err.reason.contains("unknown kind `Gateway`"), "{err}");
+
+        let err = parse_documents("kind: service\nname: a\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "document 1 (service a): kind: unknown kind `service`: kinds are case-sensitive and singular; did you mean Service?"
+        );
+        let err = parse_documents("kind: Subscriptions\nname: a\n").unwrap_err();
+        assert!(err.reason.ends_with("did you mean Subscription?"), "{err}");
 
         let err = parse_documents("name: a\n").unwrap_err();
         assert!(err.reason.contains("missing field `kind`"), "{err}");

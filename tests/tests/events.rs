@@ -515,7 +515,7 @@ async fn dead_letters_are_listed_replayed_and_purged(backend: Backend) {
     assert!(!ids.contains("dl-0") && ids.contains("dl-4"));
     let out = m.mesh.sinewctl(&["events", "dead-letters"]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no dead letters"),
+        String::from_utf8_lossy(&out.stdout).contains("no dead letters"),
         "{out:?}"
     );
 }

@@ -260,7 +260,10 @@ async fn scale(sidecars: usize, services: usize, changes: usize) -> anyhow::Resu
         .to_string();
     let admin_token = mesh.admin_token();
     let mut admin = AdminApiClient::new(channel(mesh.grpc).await?);
-    let apply = |yaml: String| ApplyRequest { yaml };
+    let apply = |yaml: String| ApplyRequest {
+        yaml,
+        ..ApplyRequest::default()
+    };
     admin
         .apply(bearer(apply(policies(services, "")), &admin_token))
         .await?;

@@ -79,22 +79,32 @@ fn parse() -> anyhow::Result<Settings> {
                 s.contenders = value()?
                     .split(',')
                     .map(Kind::parse)
+                    .collect::<anyhow::Result<_>>()
+                    .map_err(|e| anyhow::anyhow!("--contenders: {e}"))?;
+            }
+            "--reps" => s.reps = flag(&arg, &value()?, "a whole number, e.g. 3")?,
+            "--rates" => {
+                let text = value()?;
+                s.rates = text
+                    .split(',')
+                    .map(|rate| flag(&arg, rate, "requests per second, e.g. 1000,5000"))
                     .collect::<anyhow::Result<_>>()?;
             }
-            "--reps" => s.reps = value()?.parse()?,
-            "--rates" => {
-                s.rates = value()?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?;
+            "--seconds" => {
+                seconds_given = Some(flag::<f64>(
+                    &arg,
+                    &value()?,
+                    "one number of seconds, e.g. 15",
+                )?)
             }
-            "--seconds" => seconds_given = Some(value()?.parse::<f64>()?),
-            "--max-seconds" => s.max_seconds = value()?.parse()?,
-            "--warmup-seconds" => s.warmup_seconds = value()?.parse()?,
-            "--connections" => s.connections = value()?.parse()?,
-            "--threads" => s.threads = value()?.parse()?,
+            "--max-seconds" => s.max_seconds = flag(&arg, &value()?, "seconds, e.g. 5")?,
+            "--warmup-seconds" => s.warmup_seconds = flag(&arg, &value()?, "seconds, e.g. 2")?,
+            "--connections" => s.connections = flag(&arg, &value()?, "a whole number, e.g. 16")?,
+            "--threads" => s.threads = flag(&arg, &value()?, "a whole number, e.g. 1")?,
             "--budget-minutes" => {
-                s.budget = Duration::from_secs_f64(value()?.parse::<f64>()? * 60.0)
+                s.budget = Duration::from_secs_f64(
+                    flag::<f64>(&arg, &value()?, "minutes, e.g. 14")? * 60.0,
+                )
             }
             "--no-install" => s.install = false,
             "--install" => s.install = true,
@@ -109,6 +119,16 @@ fn parse() -> anyhow::Result<Settings> {
     s.seconds
         .resize(s.rates.len(), *s.seconds.last().unwrap_or(&10.0));
     Ok(s)
+}
+
+/// A flag's value, or an error naming the flag, the value and the form expected
+/// (`--seconds: `15,8` is not one number of seconds, e.g. 15`).
+fn flag<T: std::str::FromStr>(name: &str, text: &str, expected: &str) -> anyhow::Result<T> {
+    let value: T = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name}: `{text}` is not {expected}"))?;
+    Ok(value)
 }
 
 fn machine(cpus: usize) -> String {

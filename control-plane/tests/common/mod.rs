@@ -69,7 +69,10 @@ impl Admin {
     }
 
     pub async fn apply(&mut self, yaml: &str) -> Result<ApplyResponse, Status> {
-        let request = self.req(ApplyRequest { yaml: yaml.into() });
+        let request = self.req(ApplyRequest {
+            yaml: yaml.into(),
+            ..ApplyRequest::default()
+        });
         self.client.apply(request).await.map(|r| r.into_inner())
     }
 

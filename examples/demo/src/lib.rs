@@ -87,6 +87,12 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
     reply
 }
 
+/// `GET /healthz`: what a health check (`health: /healthz` in a `sinewctl up` file) asks.
+/// It only answers: a check never publishes, counts or changes anything.
+pub fn healthz() -> Reply {
+    text(StatusCode::OK, "ok\n")
+}
+
 /// The numeric id after `prefix` in `path` (`/items/7` with prefix `/items/` -> 7).
 pub fn id_after(path: &str, prefix: &str) -> Option<u64> {
     path.strip_prefix(prefix)?.parse().ok()

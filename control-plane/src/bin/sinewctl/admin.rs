@@ -7,8 +7,8 @@ use anyhow::{Context, anyhow, bail};
 use sinew_proto::v1::admin_api_client::AdminApiClient;
 use sinew_proto::v1::events_request;
 use sinew_proto::v1::{
-    ApplyRequest, DeadLetter, DeadLettersRequest, DeleteRequest, EventsRequest, GetRequest,
-    InstanceInfo, ListServicesRequest, ServiceInfo, SidecarStatus, StatusRequest,
+    ApplyRequest, ApplyResponse, DeadLetter, DeadLettersRequest, DeleteRequest, EventsRequest,
+    GetRequest, InstanceInfo, ListServicesRequest, ServiceInfo, SidecarStatus, StatusRequest,
 };
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -119,35 +119,155 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// `sinewctl apply -f FILE`.
-pub async fn apply(target: &Target, file: &Path) -> anyhow::Result<()> {
-    let yaml = if file.as_os_str() == "-" {
+/// The documents of `-f FILE` (`-` is stdin).
+fn read_documents(file: &Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
             .context("cannot read the documents from stdin")?;
-        text
+        Ok(text)
     } else {
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
-    };
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+    }
+}
+
+fn source_name(file: &Path) -> String {
+    if file.as_os_str() == "-" {
+        "stdin".into()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// How `sinewctl apply` applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyMode {
+    /// Refuse references to services that have neither policy nor instances.
+    pub strict: bool,
+    /// Show what would change, change nothing.
+    pub dry_run: bool,
+}
+
+/// Sends the documents of `file` to `Apply`; `None` when the file holds none.
+async fn send_apply(
+    target: &Target,
+    file: &Path,
+    mode: ApplyMode,
+) -> anyhow::Result<Option<ApplyResponse>> {
+    let yaml = read_documents(file)?;
     let mut client = Client::connect(target).await?;
-    let request = client.request(ApplyRequest { yaml });
+    let request = client.request(ApplyRequest {
+        yaml,
+        strict: mode.strict,
+        dry_run: mode.dry_run,
+    });
     let response = client
         .inner
         .apply(request)
         .await
         .map_err(|s| client.explain(s))?
         .into_inner();
+    if response.documents.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(response))
+}
+
+/// `sinewctl apply -f FILE [--strict] [--dry-run]`.
+pub async fn apply(target: &Target, file: &Path, mode: ApplyMode) -> anyhow::Result<()> {
+    let Some(response) = send_apply(target, file, mode).await? else {
+        println!("nothing to apply: {} holds no documents", source_name(file));
+        return Ok(());
+    };
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let dry = if mode.dry_run { " (dry run)" } else { "" };
     for doc in &response.documents {
         println!(
-            "{}/{} {}",
+            "{}/{} {}{dry}",
             doc.kind.to_ascii_lowercase(),
             doc.name,
             doc.outcome
         );
     }
-    println!("version {}", response.version);
+    if mode.dry_run {
+        print!(
+            "{}",
+            document_diffs(&response.documents, &source_name(file))
+        );
+        println!("dry run: nothing changed (version {})", response.version);
+        if !response.policy_source.is_empty() {
+            println!(
+                "note: this control plane takes its policy from {}: apply would be refused there",
+                response.policy_source
+            );
+        }
+    } else {
+        println!("version {}", response.version);
+    }
     Ok(())
+}
+
+/// `sinewctl diff -f FILE`: what `apply` would change, as a diff per document. Returns
+/// whether anything differs.
+pub async fn diff(target: &Target, file: &Path) -> anyhow::Result<bool> {
+    let mode = ApplyMode {
+        strict: false,
+        dry_run: true,
+    };
+    let Some(response) = send_apply(target, file, mode).await? else {
+        println!(
+            "nothing to compare: {} holds no documents",
+            source_name(file)
+        );
+        return Ok(false);
+    };
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let text = document_diffs(&response.documents, &source_name(file));
+    if text.is_empty() {
+        println!("no differences");
+        return Ok(false);
+    }
+    print!("{text}");
+    Ok(true)
+}
+
+/// Per created or changed document, the diff from the stored one to the new one.
+fn document_diffs(documents: &[sinew_proto::v1::AppliedDocument], source: &str) -> String {
+    documents
+        .iter()
+        .map(|doc| {
+            let what = format!("{} {}", doc.kind, doc.name);
+            let live = if doc.live_yaml.is_empty() {
+                format!("live {what} (none)")
+            } else {
+                format!("live {what}")
+            };
+            crate::diff::render(
+                &doc.live_yaml,
+                &doc.new_yaml,
+                &live,
+                &format!("{source} {what}"),
+            )
+        })
+        .collect()
+}
+
+/// The registered services and their instances (what `get services` prints).
+pub async fn list_services(target: &Target) -> anyhow::Result<Vec<ServiceInfo>> {
+    let mut client = Client::connect(target).await?;
+    let request = client.request(ListServicesRequest {});
+    Ok(client
+        .inner
+        .list_services(request)
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner()
+        .services)
 }
 
 /// `sinewctl get services`.
@@ -161,18 +281,23 @@ pub async fn get_services(target: &Target) -> anyhow::Result<()> {
         .map_err(|s| client.explain(s))?
         .into_inner();
     if response.services.is_empty() {
-        eprintln!("no services (no policy applied and no sidecar registered)");
+        println!("no services (no policy applied and no sidecar registered)");
         return Ok(());
     }
     print!("{}", services_table(&response.services, now_ms()));
     Ok(())
 }
 
-/// `sinewctl get policy [NAME]`, `get service NAME`, `get subscriptions [NAME]`.
-pub async fn get_policy(target: &Target, kind: &str, name: Option<&str>) -> anyhow::Result<()> {
+/// `sinewctl get policy [NAME]` (kind `None`: every kind), `get service NAME`,
+/// `get subscriptions [NAME]`.
+pub async fn get_policy(
+    target: &Target,
+    kind: Option<&str>,
+    name: Option<&str>,
+) -> anyhow::Result<()> {
     let mut client = Client::connect(target).await?;
     let request = client.request(GetRequest {
-        kind: kind.into(),
+        kind: kind.unwrap_or_default().into(),
         name: name.unwrap_or_default().into(),
     });
     let response = client
@@ -182,9 +307,10 @@ pub async fn get_policy(target: &Target, kind: &str, name: Option<&str>) -> anyh
         .map_err(|s| client.explain(s))?
         .into_inner();
     if response.yaml.trim().is_empty() {
+        let what = kind.unwrap_or("policy");
         match name {
-            Some(name) => bail!("{kind} `{name}` has no policy document"),
-            None => eprintln!("no {kind} documents"),
+            Some(name) => bail!("{what} `{name}` has no policy document"),
+            None => println!("no {what} documents"),
         }
         return Ok(());
     }
@@ -223,15 +349,37 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
         .await
         .map_err(|s| client.explain(s))?
         .into_inner();
+    print!("{}", status_header(&response));
     if response.sidecars.is_empty() {
-        eprintln!(
-            "no sidecars (control plane at version {})",
-            response.version
-        );
+        println!("no sidecars");
         return Ok(());
     }
     print!("{}", status_table(&response.sidecars, now_ms()));
     Ok(())
+}
+
+/// The control plane's own lines of `sinewctl status`: its version (and why it jumped after a
+/// restart), and where its policy comes from.
+pub fn status_header(response: &sinew_proto::v1::StatusResponse) -> String {
+    let mut text = format!("version {}", response.version);
+    if response.started_at_version > 0 {
+        text.push_str(&format!(
+            " (started at {} after a restart: versions are reserved in blocks of 1000, so a \
+             restarted control plane continues past the last block and never reuses one)",
+            response.started_at_version
+        ));
+    }
+    text.push('\n');
+    if response.policy_source.is_empty() {
+        text.push_str("policy from sinewctl apply\n");
+    } else {
+        text.push_str(&format!(
+            "policy from {} (edit the files there; apply and delete are refused)\n",
+            response.policy_source
+        ));
+    }
+    text.push('\n');
+    text
 }
 
 /// Which dead letters `sinewctl events ...` touches.
@@ -283,7 +431,7 @@ pub async fn dead_letters(
     match op {
         events_request::Op::List => {
             if response.dead_letters.is_empty() {
-                eprintln!("no dead letters");
+                println!("no dead letters");
             } else {
                 print!("{}", dead_letters_table(&response.dead_letters, now_ms()));
                 if response.matched > response.dead_letters.len() as u64 {
@@ -463,8 +611,10 @@ mod tests {
                     kind: "Service".into(),
                     name: "a".into(),
                     outcome: "created".into(),
+                    ..Default::default()
                 }],
                 version: 3,
+                ..Default::default()
             }))
         }
         async fn get(
@@ -511,6 +661,7 @@ mod tests {
                     node_id: "a-1".into(),
                     ..Default::default()
                 }],
+                ..Default::default()
             }))
         }
     }
@@ -543,16 +694,21 @@ mod tests {
             token_file: token.to_path_buf(),
         };
 
-        apply(&target(&good), &docs).await.unwrap();
+        apply(&target(&good), &docs, ApplyMode::default())
+            .await
+            .unwrap();
         status(&target(&good)).await.unwrap();
         get_services(&target(&good)).await.unwrap();
         delete(&target(&good), "Service", "a").await.unwrap();
-        let e = apply(&target(&good), &bad).await.unwrap_err().to_string();
+        let e = apply(&target(&good), &bad, ApplyMode::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "document 1 (Service a): spec.timeout: `2` needs a unit (ms, s, m or h)"
         );
-        let e = get_policy(&target(&good), "Service", Some("zz"))
+        let e = get_policy(&target(&good), Some("Service"), Some("zz"))
             .await
             .unwrap_err()
             .to_string();
@@ -581,6 +737,30 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_header_explains_the_version_jump_and_the_policy_source() {
+        let fresh = sinew_proto::v1::StatusResponse {
+            version: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            status_header(&fresh),
+            "version 8\npolicy from sinewctl apply\n\n"
+        );
+        let restarted = sinew_proto::v1::StatusResponse {
+            version: 1003,
+            started_at_version: 1001,
+            policy_source: ".sinew/policy.yaml".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            status_header(&restarted),
+            "version 1003 (started at 1001 after a restart: versions are reserved in blocks of \
+             1000, so a restarted control plane continues past the last block and never reuses one)\n\
+             policy from .sinew/policy.yaml (edit the files there; apply and delete are refused)\n\n"
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `sinewctl`: the mesh's command line.
 //!
-//! - `apply`, `get`, `delete`, `status`, `events` talk to the control plane's admin API (gRPC, bearer
-//!   token) — see [`admin`];
+//! - `apply`, `diff`, `get`, `delete`, `status`, `events` talk to the control plane's admin API
+//!   (gRPC, bearer token) — see [`admin`];
 //! - `up FILE` starts a whole local mesh (control plane, one sidecar per instance, the apps)
-//!   from one YAML file, and stops all of it on Ctrl-C — see [`up`].
+//!   from one YAML file, and stops all of it on Ctrl-C — see [`up`];
+//! - `run --service NAME -- APP` starts one sidecar beside one app, joining a running mesh —
+//!   see [`run`].
 //!
 //! The binary is self-contained: it speaks only the wire contract in `sinew_proto`, never the
 //! control plane's internals, so it works against any control plane of the same protocol.
@@ -11,6 +13,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod admin;
+mod diff;
+mod run;
 mod table;
 mod up;
 
@@ -44,8 +48,23 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Apply policy documents (all of them, or none when one is invalid).
+    /// Apply policy documents (all of them, or none when one is invalid). Refused by a control
+    /// plane started with --policy: its files are the policy.
     Apply {
+        /// YAML file with one or more documents; `-` reads stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Refuse (apply nothing) when a document names a service that has neither policy
+        /// nor instances, instead of warning.
+        #[arg(long)]
+        strict: bool,
+        /// Validate and show what would change (a diff per document); change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what `apply -f FILE` would change, as a diff per document. Exits 0 when nothing
+    /// differs, 1 when something does (like `diff` and `kubectl diff`).
+    Diff {
         /// YAML file with one or more documents; `-` reads stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
@@ -56,13 +75,17 @@ enum Command {
     /// Delete a policy document.
     #[command(subcommand)]
     Delete(DeleteCommand),
-    /// Every sidecar's connection and configuration state (like `istioctl proxy-status`).
+    /// The control plane's version and policy source, and every sidecar's connection and
+    /// configuration state (like `istioctl proxy-status`).
     Status,
     /// Dead letters: list, replay, purge (asks every connected sidecar).
     #[command(subcommand)]
     Events(EventsCommand),
     /// Start a local mesh from one YAML file; Ctrl-C stops all of it.
     Up(up::UpArgs),
+    /// Run one app with its own sidecar, joining the mesh of --control (like `dapr run`);
+    /// Ctrl-C stops both, and the exit status is the app's.
+    Run(run::RunArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +95,7 @@ enum GetCommand {
     Services,
     /// One service's policy document as YAML (no NAME: list the services).
     Service { name: Option<String> },
-    /// Policy documents as YAML (every one, or the one named).
+    /// Policy documents of every kind as YAML (all of them, or those named NAME).
     #[command(visible_alias = "policies")]
     Policy { name: Option<String> },
     /// Event subscriptions as YAML (every one, or the one named).
@@ -129,18 +152,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         token_file: cli.token_file,
     };
     match cli.command {
-        Command::Apply { file } => admin::apply(&target, &file).await,
+        Command::Apply {
+            file,
+            strict,
+            dry_run,
+        } => admin::apply(&target, &file, admin::ApplyMode { strict, dry_run }).await,
+        Command::Diff { file } => {
+            let differs = admin::diff(&target, &file).await?;
+            return Ok(if differs {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         Command::Get(GetCommand::Services | GetCommand::Service { name: None }) => {
             admin::get_services(&target).await
         }
         Command::Get(GetCommand::Service { name: Some(name) }) => {
-            admin::get_policy(&target, "Service", Some(&name)).await
+            admin::get_policy(&target, Some("Service"), Some(&name)).await
         }
         Command::Get(GetCommand::Policy { name }) => {
-            admin::get_policy(&target, "Service", name.as_deref()).await
+            admin::get_policy(&target, None, name.as_deref()).await
         }
         Command::Get(GetCommand::Subscriptions { name }) => {
-            admin::get_policy(&target, "Subscription", name.as_deref()).await
+            admin::get_policy(&target, Some("Subscription"), name.as_deref()).await
         }
         Command::Delete(DeleteCommand::Service { name }) => {
             admin::delete(&target, "Service", &name).await
@@ -159,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::dead_letters(&target, Op::Purge, filter).await
         }
         Command::Up(args) => return up::run(args).await,
+        Command::Run(args) => return run::run(args, &target.addr).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }

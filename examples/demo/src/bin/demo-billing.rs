@@ -2,19 +2,24 @@
 //!
 //! Its sidecar delivers every `order.created` event as `POST /events/order.created` with
 //! CloudEvents headers. It keeps the ids it received (`ce-id`; a redelivery is counted once)
-//! and answers `GET /received` with `{"served_by", "count", "ids"}` (the last 20 ids).
+//! and answers `GET /received` with `{"served_by", "count", "ids"}` (the last 20 ids), and
+//! `GET /received?all=1` with every id in arrival order plus `deliveries`, how many times
+//! each id arrived (more than 1: redelivered), so delivery can be checked event by event.
+//! `GET /healthz` answers `ok` and counts nothing.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use sinew_demo::{Reply, json, port_from_env, serve, text};
-use std::collections::HashSet;
+use sinew_demo::{Reply, healthz, json, port_from_env, serve, text};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct Received {
-    seen: HashSet<String>,
+    /// Per id, how many times it was delivered.
+    deliveries: HashMap<String, u64>,
+    /// Distinct ids in arrival order.
     ids: Vec<String>,
 }
 
@@ -33,7 +38,15 @@ async fn main() -> anyhow::Result<()> {
                 .get("ce-id")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            handle(req.method(), req.uri().path(), id, &served_by, &received)
+            let uri = req.uri();
+            handle(
+                req.method(),
+                uri.path(),
+                uri.query(),
+                id,
+                &served_by,
+                &received,
+            )
         }
     })
     .await
@@ -42,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
 fn handle(
     method: &Method,
     path: &str,
+    query: Option<&str>,
     id: Option<String>,
     served_by: &str,
     received: &Mutex<Received>,
@@ -50,13 +64,28 @@ fn handle(
     match (method, path) {
         (&Method::POST, "/events/order.created") => match id {
             Some(id) => {
-                if received.seen.insert(id.clone()) {
+                let count = received.deliveries.entry(id.clone()).or_insert(0);
+                *count += 1;
+                if *count == 1 {
                     received.ids.push(id);
                 }
                 text(StatusCode::NO_CONTENT, "")
             }
             None => text(StatusCode::BAD_REQUEST, "no ce-id: not a CloudEvent\n"),
         },
+        (&Method::GET, "/received")
+            if query.is_some_and(|q| q.split('&').any(|p| p == "all=1")) =>
+        {
+            json(
+                StatusCode::OK,
+                &json!({
+                    "served_by": served_by,
+                    "count": received.ids.len(),
+                    "ids": received.ids,
+                    "deliveries": received.deliveries,
+                }),
+            )
+        }
         (&Method::GET, "/received") => {
             let last: Vec<&String> = received.ids.iter().rev().take(20).collect();
             json(
@@ -64,9 +93,10 @@ fn handle(
                 &json!({"served_by": served_by, "count": received.ids.len(), "ids": last}),
             )
         }
+        (&Method::GET, "/healthz") => healthz(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: POST /events/order.created, GET /received\n",
+            "not found: POST /events/order.created, GET /received[?all=1], GET /healthz\n",
         ),
     }
 }
@@ -76,6 +106,12 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    async fn get(r: &Mutex<Received>, query: Option<&str>) -> serde_json::Value {
+        let reply = handle(&Method::GET, "/received", query, None, "b-1", r);
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).unwrap()
+    }
+
     #[tokio::test]
     async fn counts_each_event_once() {
         let r = Mutex::new(Received::default());
@@ -83,6 +119,7 @@ mod tests {
             handle(
                 &Method::POST,
                 "/events/order.created",
+                None,
                 Some(id.into()),
                 "b-1",
                 &r,
@@ -92,12 +129,51 @@ mod tests {
         assert_eq!(post("e1"), StatusCode::NO_CONTENT);
         assert_eq!(post("e1"), StatusCode::NO_CONTENT);
         assert_eq!(post("e2"), StatusCode::NO_CONTENT);
-        let none = handle(&Method::POST, "/events/order.created", None, "b-1", &r);
+        let none = handle(
+            &Method::POST,
+            "/events/order.created",
+            None,
+            None,
+            "b-1",
+            &r,
+        );
         assert_eq!(none.status(), StatusCode::BAD_REQUEST);
-        let reply = handle(&Method::GET, "/received", None, "b-1", &r);
-        let body = reply.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let v = get(&r, None).await;
         assert_eq!(v["count"], 2);
         assert_eq!(v["ids"], json!(["e2", "e1"]));
+        // A health check counts nothing.
+        let health = handle(&Method::GET, "/healthz", None, None, "b-1", &r);
+        assert_eq!(health.status(), StatusCode::OK);
+        assert_eq!(get(&r, None).await["count"], 2);
+    }
+
+    #[tokio::test]
+    async fn all_ids_and_their_deliveries_past_the_last_20() {
+        let r = Mutex::new(Received::default());
+        for i in 0..25 {
+            let id = format!("e{i}");
+            handle(
+                &Method::POST,
+                "/events/order.created",
+                None,
+                Some(id),
+                "b-1",
+                &r,
+            );
+        }
+        handle(
+            &Method::POST,
+            "/events/order.created",
+            None,
+            Some("e3".into()),
+            "b-1",
+            &r,
+        );
+        let v = get(&r, Some("all=1")).await;
+        assert_eq!(v["count"], 25);
+        assert_eq!(v["ids"].as_array().unwrap().len(), 25);
+        assert_eq!(v["ids"][0], "e0");
+        assert_eq!(v["deliveries"]["e3"], 2);
+        assert_eq!(v["deliveries"]["e24"], 1);
     }
 }

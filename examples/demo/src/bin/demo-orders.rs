@@ -2,7 +2,8 @@
 //!
 //! `GET /items/<id>` answers `{"id":<id>,"name":"item-<id>","served_by":"<instance>"}`, where
 //! the instance is `$SINEW_INSTANCE` (set by `sinewctl up`) or `orders@<port>`, so you can see
-//! the sidecars balance over the instances. Anything else is 404.
+//! the sidecars balance over the instances. `GET /healthz` answers `ok` (and publishes
+//! nothing). Anything else is 404.
 //!
 //! Each order served is also published as an event: `POST /v1/events/order.created` to its
 //! own sidecar (`$SINEW_OUTBOUND`), which stores it and delivers it to every subscribing
@@ -17,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use sinew_demo::{Reply, id_after, json, port_from_env, serve, text};
+use sinew_demo::{Reply, healthz, id_after, json, port_from_env, serve, text};
 use std::sync::Arc;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -36,10 +37,8 @@ async fn main() -> anyhow::Result<()> {
         let served_by = served_by.clone();
         let (client, outbound) = (client.clone(), outbound.clone());
         async move {
-            let reply = item(req.method(), req.uri().path(), &served_by);
-            if reply.status() == StatusCode::OK
-                && let Some(id) = id_after(req.uri().path(), "/items/")
-            {
+            let (reply, order) = handle(req.method(), req.uri().path(), &served_by);
+            if let Some(id) = order {
                 tokio::spawn(publish(client, outbound, id, served_by));
             }
             reply
@@ -67,6 +66,16 @@ async fn publish(client: HttpClient, outbound: Arc<str>, id: u64, served_by: Arc
         ),
         Err(e) => eprintln!("demo-orders: publishing order.created: {e}"),
     }
+}
+
+/// The answer, and the order to publish as `order.created` (only an item served).
+fn handle(method: &Method, path: &str, served_by: &str) -> (Reply, Option<u64>) {
+    if path == "/healthz" {
+        return (healthz(), None);
+    }
+    let reply = item(method, path, served_by);
+    let order = id_after(path, "/items/").filter(|_| reply.status() == StatusCode::OK);
+    (reply, order)
 }
 
 fn item(method: &Method, path: &str, served_by: &str) -> Reply {
@@ -106,5 +115,17 @@ mod tests {
             item(&Method::POST, "/items/1", "o").status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
+    }
+
+    #[tokio::test]
+    async fn a_health_check_answers_and_publishes_nothing() {
+        let (reply, order) = handle(&Method::GET, "/healthz", "orders-1");
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(order, None);
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok\n");
+        assert_eq!(handle(&Method::GET, "/items/3", "o").1, Some(3));
+        assert_eq!(handle(&Method::POST, "/items/3", "o").1, None);
+        assert_eq!(handle(&Method::GET, "/nope", "o").1, None);
     }
 }

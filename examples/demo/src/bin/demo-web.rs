@@ -4,7 +4,8 @@
 //! sidecar — a plain TCP connection to `$SINEW_OUTBOUND` (default 127.0.0.1:4140) with
 //! `Host: orders` — and answers `web got from orders: <orders' body>`. When the call fails it
 //! answers 502 with the sidecar's status and its `sinew-error` reason, so you can watch the
-//! mesh's decisions (timeouts, no endpoints, forbidden) from a browser.
+//! mesh's decisions (timeouts, no endpoints, forbidden) from a browser. `GET /healthz`
+//! answers `ok` without calling anything.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -12,7 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use sinew_demo::{Reply, id_after, port_from_env, serve, text};
+use sinew_demo::{Reply, healthz, id_after, port_from_env, serve, text};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ async fn main() -> anyhow::Result<()> {
         let web = web.clone();
         async move {
             let path = req.uri().path();
+            if path == "/healthz" {
+                return healthz();
+            }
             let id = match path {
                 "/" => Some(1),
                 _ => id_after(path, "/order/"),

@@ -24,6 +24,8 @@ struct Proc {
     /// The child's pid, which is also its process group id.
     pgid: i32,
     exited: bool,
+    /// How it ended, once reaped.
+    status: Option<ExitStatus>,
 }
 
 pub struct Children {
@@ -56,6 +58,7 @@ impl Children {
             name: name.to_string(),
             pgid: i32::try_from(pid).unwrap_or_default(),
             exited: false,
+            status: None,
         });
         let stdout = child.stdout.take();
         let tx = self.exits.clone();
@@ -68,10 +71,20 @@ impl Children {
     }
 
     /// Records an exit received from the channel.
-    pub fn mark_exited(&mut self, name: &str) {
-        for p in self.procs.iter_mut().filter(|p| p.name == name) {
+    pub fn mark_exited(&mut self, exit: &Exit) {
+        for p in self.procs.iter_mut().filter(|p| p.name == exit.name) {
             p.exited = true;
+            p.status = exit.status.as_ref().ok().copied();
         }
+    }
+
+    /// How the child named `name` ended, once it has been reaped (by [`Children::stop_all`]
+    /// or an exit passed to [`Children::mark_exited`]).
+    pub fn status(&self, name: &str) -> Option<ExitStatus> {
+        self.procs
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.status)
     }
 
     /// SIGTERM to every group, up to `grace` for them to go, then SIGKILL to what is left.
@@ -107,7 +120,7 @@ impl Children {
         let deadline = Instant::now() + limit;
         loop {
             while let Ok(exit) = exits.try_recv() {
-                self.mark_exited(&exit.name);
+                self.mark_exited(&exit);
             }
             if self.procs.iter().all(|p| p.exited && !group_exists(p.pgid)) {
                 return true;

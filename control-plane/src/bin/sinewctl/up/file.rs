@@ -5,7 +5,7 @@
 //!   grpc: 127.0.0.1:7700        # the control plane's gRPC (sidecar + admin API); port 0 = any
 //!   http: 127.0.0.1:7701        # its /metrics and /healthz
 //! policy: |                     # optional; policy documents, applied at control-plane start
-//!   kind: Service
+//!   kind: Service               #   and then its whole policy (`sinewctl apply` is refused)
 //!   name: orders
 //!   spec: {timeout: 2s, allow: [web]}
 //! events:                       # optional; where the sidecars keep events
@@ -155,14 +155,20 @@ pub struct ServiceSection {
 impl ServiceSection {
     /// The sidecar flags that turn the health check on.
     pub fn health_flags(&self) -> Vec<String> {
-        match self.health.as_deref() {
-            None => Vec::new(),
-            Some("grpc") => vec!["--health-grpc".into()],
-            Some(check) => match check.strip_prefix("grpc:") {
-                Some(service) => vec!["--health-grpc".into(), service.into()],
-                None => vec!["--health-http".into(), check.into()],
-            },
-        }
+        health_flags(self.health.as_deref())
+    }
+}
+
+/// The sidecar flags for a health check written as in a `sinewctl up` file: a path
+/// (`/healthz`), `grpc` or `grpc:SERVICE`; none for `None`.
+pub fn health_flags(check: Option<&str>) -> Vec<String> {
+    match check {
+        None => Vec::new(),
+        Some("grpc") => vec!["--health-grpc".into()],
+        Some(check) => match check.strip_prefix("grpc:") {
+            Some(service) => vec!["--health-grpc".into(), service.into()],
+            None => vec!["--health-http".into(), check.into()],
+        },
     }
 }
 

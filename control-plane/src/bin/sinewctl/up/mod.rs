@@ -12,14 +12,19 @@
 //! mesh stopped
 //! ```
 //!
-//! `mesh ready` comes once every sidecar's admin `/ready` answers 200 and every app accepts
-//! connections. Everything else (progress, errors) goes to stderr; the components' own output
+//! `mesh ready` comes once every sidecar's admin `/ready` answers 200, every app accepts
+//! connections, and every service with a `health` check has an instance the control plane
+//! lists as serving (a sidecar is ready as soon as it has its configuration, but callers get
+//! only instances whose app passes its checks; see [`serving`]). Otherwise `up` names what is
+//! not ready and why (for an HTTP health check, e.g. `GET /healthz answered 404 Not Found`)
+//! and stops. Everything else (progress, errors) goes to stderr; the components' own output
 //! goes to `.sinew/logs/<component>.log`. SIGINT, SIGTERM, SIGHUP or any component exiting
 //! stops the whole mesh (see [`children`]).
 
-mod children;
+pub mod children;
 pub mod file;
-mod probe;
+pub mod probe;
+mod serving;
 
 use anyhow::{Context, anyhow};
 use children::{Children, Exit};
@@ -50,7 +55,7 @@ pub struct UpArgs {
 /// How long a component may take to print its `listening` line.
 const LISTENING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long components get between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything resolved before the first process starts, so a typo fails fast.
 struct Plan {
@@ -152,7 +157,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }
         Outcome::Exited(Some(exit)) => {
-            children.mark_exited(&exit.name);
+            children.mark_exited(&exit);
             let status = match &exit.status {
                 Ok(status) => status.to_string(),
                 Err(e) => format!("unknown status: {e}"),
@@ -191,7 +196,7 @@ async fn start(
             .with_context(|| format!("cannot write {}", path.display()))?;
         cmd.arg("--policy").arg(&path);
     }
-    let (pid, pairs) = start_reporting(plan, children, "control", cmd).await?;
+    let (pid, pairs) = start_reporting(&plan.log("control"), children, "control", cmd).await?;
     let grpc = probe::addr(&pairs, "grpc").map_err(|e| anyhow!("control: {e}"))?;
     let http = probe::addr(&pairs, "http").map_err(|e| anyhow!("control: {e}"))?;
     say(&format!(
@@ -245,7 +250,7 @@ async fn start(
             cmd.args(service.health_flags());
             cmd.args(plan.file.events.flags());
             let name = format!("sidecar {node}");
-            let (pid, pairs) = start_reporting(plan, children, &name, cmd).await?;
+            let (pid, pairs) = start_reporting(&plan.log(&name), children, &name, cmd).await?;
             let [outbound, inbound, admin] = ["outbound", "inbound", "admin"]
                 .map(|key| probe::addr(&pairs, key).map_err(|e| anyhow!("{name}: {e}")));
             let (outbound, inbound, admin) = (outbound?, inbound?, admin?);
@@ -257,18 +262,9 @@ async fn start(
                 admin: probe::dialable(admin),
             });
 
-            let outbound = probe::dialable(outbound);
             let mut cmd = Command::new(program);
-            cmd.args(&service.command[1..])
-                .envs(&service.env)
-                .env("PORT", app_port.to_string())
-                .env("SINEW_OUTBOUND", outbound.to_string())
-                .env("HTTP_PROXY", format!("http://{outbound}"))
-                .env("http_proxy", format!("http://{outbound}"))
-                .env("NO_PROXY", "localhost,127.0.0.1,::1")
-                .env("no_proxy", "localhost,127.0.0.1,::1")
-                .env("SINEW_SERVICE", &service.name)
-                .env("SINEW_INSTANCE", &node);
+            cmd.args(&service.command[1..]).envs(&service.env);
+            app_env(&mut cmd, app_port, outbound, &service.name, &node);
             let name = format!("app {node}");
             let log = open_log(&plan.log(&name))?;
             cmd.stdout(log.try_clone()?).stderr(log);
@@ -280,18 +276,39 @@ async fn start(
             probes.push(Probe::App { name, addr });
         }
     }
-    wait_ready(&probes, ready_timeout).await
+    let deadline = Instant::now() + ready_timeout;
+    wait_ready(&probes, ready_timeout).await?;
+    let admin = crate::admin::Target {
+        addr: probe::dialable(grpc).to_string(),
+        token_file: control_dir.join("admin-token"),
+    };
+    serving::wait(plan, &probes, &admin, deadline, ready_timeout).await
+}
+
+/// What an app learns from the environment (these win over a file's `env`): where to listen
+/// (`PORT`), its sidecar's outbound (`SINEW_OUTBOUND`, and as `HTTP_PROXY` for HTTP clients
+/// that honour it, loopback excepted), its service and instance names.
+pub fn app_env(cmd: &mut Command, app_port: u16, outbound: SocketAddr, service: &str, node: &str) {
+    let outbound = probe::dialable(outbound);
+    cmd.env("PORT", app_port.to_string())
+        .env("SINEW_OUTBOUND", outbound.to_string())
+        .env("HTTP_PROXY", format!("http://{outbound}"))
+        .env("http_proxy", format!("http://{outbound}"))
+        .env("NO_PROXY", "localhost,127.0.0.1,::1")
+        .env("no_proxy", "localhost,127.0.0.1,::1")
+        .env("SINEW_SERVICE", service)
+        .env("SINEW_INSTANCE", node);
 }
 
 /// Starts a component that reports its addresses in a `listening ...` line on stdout; the
-/// rest of its output goes to its log.
-async fn start_reporting(
-    plan: &Plan,
+/// rest of its output goes to its log at `log_path`.
+pub async fn start_reporting(
+    log_path: &Path,
     children: &mut Children,
     name: &str,
     mut cmd: Command,
 ) -> anyhow::Result<(u32, std::collections::BTreeMap<String, String>)> {
-    let log_path = plan.log(name);
+    let log_path = log_path.to_path_buf();
     let log = open_log(&log_path)?;
     // Logs go to files: no terminal colour codes in them.
     cmd.env("NO_COLOR", "1")
@@ -343,14 +360,14 @@ async fn start_reporting(
 
 /// A fresh log file, opened for appending (so stdout and stderr writers do not overwrite
 /// each other).
-fn open_log(path: &Path) -> anyhow::Result<File> {
+pub fn open_log(path: &Path) -> anyhow::Result<File> {
     File::create(path)
         .and_then(|_| OpenOptions::new().append(true).open(path))
         .with_context(|| format!("cannot create {}", path.display()))
 }
 
 /// The last `n` lines of a log, indented, for an error message.
-fn tail(path: &Path, n: usize) -> String {
+pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(n);
@@ -401,20 +418,20 @@ async fn wait_ready(probes: &[Probe], limit: Duration) -> anyhow::Result<()> {
 }
 
 /// One line to stdout, flushed; a closed stdout is not worth a panic.
-fn say(line: &str) {
+pub fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-struct Signals {
+pub struct Signals {
     interrupt: Signal,
     terminate: Signal,
     hangup: Signal,
 }
 
 impl Signals {
-    fn new() -> std::io::Result<Signals> {
+    pub fn new() -> std::io::Result<Signals> {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
@@ -422,7 +439,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> &'static str {
+    pub async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",
