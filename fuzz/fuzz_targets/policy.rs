@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(documents) = policy::parse_documents(text) {
         for document in &documents {
             let _ = document.to_yaml();
-            let _ = document.to_json();
+            let _ = document.spec.to_json();
         }
     }
     if let Ok(spec) = ServiceSpec::from_json(text) {
