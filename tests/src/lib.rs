@@ -414,6 +414,31 @@ pub async fn get(
     })
 }
 
+/// `POST http://<addr><path>` with `headers` and `body` (e.g. to a sidecar's events API).
+pub async fn post(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut request = http::Request::post(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body.into())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
 /// The sidecar's `/config` as JSON.
 pub async fn config(client: &HttpClient, admin: SocketAddr) -> serde_json::Value {
     let answer = get(client, admin, "localhost", "/config").await.unwrap();
@@ -479,6 +504,18 @@ pub async fn wait_endpoints(client: &HttpClient, sidecar: &Proc, service: &str, 
     .await;
 }
 
+/// The policy version a successful `sinewctl apply` reports (`version N`, its last line).
+pub fn applied_version(output: &std::process::Output) -> u64 {
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("version "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no version in {stdout:?}"))
+}
+
 /// A caller sidecar (`web`, no app behind it) and `n` instances of `orders` (sinew-testapp).
 pub struct Pair {
     pub mesh: Mesh,
@@ -491,15 +528,7 @@ impl Pair {
     /// Applies policy with `sinewctl apply` and waits until every sidecar of the pair has
     /// applied the version it reports (`version N`, its last line).
     pub async fn apply(&self, yaml: &str) {
-        let output = self.mesh.apply(yaml);
-        assert!(output.status.success(), "{output:?}");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let version: u64 = stdout
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("version "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no version in {stdout:?}"));
+        let version = applied_version(&self.mesh.apply(yaml));
         let sidecars = std::iter::once(&self.web).chain(self.orders.iter().map(|(_, s)| s));
         for sidecar in sidecars {
             let admin = sidecar.addr("admin");

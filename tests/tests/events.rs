@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use sinew_e2e::*;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -219,31 +218,6 @@ impl EventMesh {
 
 fn strs(flags: &[String]) -> Vec<&str> {
     flags.iter().map(String::as_str).collect()
-}
-
-/// POSTs to the sidecar's events API.
-async fn post(
-    client: &HttpClient,
-    outbound: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Answer {
-    let mut request = http::Request::post(format!("http://{outbound}{path}"));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(body.into())).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
 }
 
 /// Publishes `n` events in batches of 100 (ids `<prefix>-<i>`); asserts each batch is 202.
@@ -826,15 +800,7 @@ async fn a_subscribers_allow_list_holds_for_events(backend: Backend) {
 
     // Once billing allows orders, its events are delivered.
     let allowed = "kind: Service\nname: billing\nspec: {allow: [web, orders]}\n";
-    let out = m.mesh.apply(allowed);
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let version: u64 = stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("version "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no version in {stdout:?}"));
+    let version = applied_version(&m.mesh.apply(allowed));
     wait_until(
         "billing's sidecar to allow orders",
         Duration::from_secs(10),

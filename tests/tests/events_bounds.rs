@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use sinew_e2e::*;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,22 +16,9 @@ async fn publish(
     topic: &str,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let mut request = http::Request::post(format!("http://{outbound}/v1/events/{topic}"))
-        .header("content-type", "text/plain");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(Bytes::new())).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .unwrap()
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    let mut all = vec![("content-type", "text/plain")];
+    all.extend_from_slice(headers);
+    post(client, outbound, &format!("/v1/events/{topic}"), &all, "").await
 }
 
 /// A control plane with `policy`, one `billing` subscriber, and the publisher `orders`, every
