@@ -34,6 +34,9 @@ pub struct Flags {
         default_value = "./.sinew/control"
     )]
     pub data_dir: PathBuf,
+    /// Log lines for people (`text`) or one JSON object per line (`json`), on stderr.
+    #[arg(long, env = "SINEW_CONTROL_LOG_FORMAT", default_value = "text")]
+    pub log_format: sinew_proto::logging::LogFormat,
     /// Policy YAML file, or directory of *.yaml/*.yml; watched for changes.
     #[arg(long, value_name = "PATH", env = "SINEW_CONTROL_POLICY")]
     pub policy: Option<PathBuf>,

@@ -6,8 +6,10 @@ use sinew_control::flags::Flags;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let config = Flags::parse().into_config();
-    sinew_proto::logging::init("sinew-control");
+    let flags = Flags::parse();
+    let log_format = flags.log_format;
+    let config = flags.into_config();
+    sinew_proto::logging::init("sinew-control", log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

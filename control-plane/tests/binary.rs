@@ -105,6 +105,62 @@ fn a_log_file_gets_no_colour_codes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 16, item 7: `--log-format json` gives one JSON object per line, for log pipelines.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = std::env::temp_dir().join(format!(
+        "sinew-control-bin-json-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("control.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+        .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--log-format", "json"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening grpc="), "{line}");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "control plane started")
+        .unwrap_or_else(|| panic!("no start line: {text}"));
+    assert_eq!(started["level"], "INFO");
+    assert!(started["timestamp"].is_string() && started["target"].is_string());
+    assert!(started["fields"]["grpc_addr"].is_string(), "{started}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_sinew-control"))
+        .args(["--log-format", "yaml"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--log-format") && stderr.contains("text or json"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn refuses_to_start_on_bad_flags_with_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_sinew-control"))

@@ -5,11 +5,32 @@ use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::prelude::*;
 
+/// `--log-format`: lines for people (`text`, the default) or one JSON object per line for log
+/// pipelines (`json`: `timestamp`, `level`, `target`, `fields` with `message`, and the span).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("`{other}` is not a log format: text or json")),
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` as `level` or `target=level,...` (default `info`).
 /// A `Targets` filter, not `EnvFilter`: no regex engine in the binary for a log filter. A
 /// spec that does not parse is reported (as `binary`) and `info` used. Colours only when
 /// stderr is a terminal and `NO_COLOR` is unset: a log file gets no escape codes.
-pub fn init(binary: &str) {
+pub fn init(binary: &str, format: LogFormat) {
     let default = || Targets::new().with_default(LevelFilter::INFO);
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) => parse(&spec).unwrap_or_else(|e| {
@@ -18,15 +39,22 @@ pub fn init(binary: &str) {
         }),
         Err(_) => default(),
     };
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(colour(
-                    std::io::stderr().is_terminal(),
-                    std::env::var_os("NO_COLOR"),
-                )),
-        )
+        .with(text)
+        .with(json)
         .with(filter)
         .init();
 }
@@ -49,6 +77,14 @@ fn parse(spec: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_formats_parse_and_others_are_named() {
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert_eq!("json".parse(), Ok(LogFormat::Json));
+        let refused = "yaml".parse::<LogFormat>().unwrap_err();
+        assert!(refused.contains("`yaml`") && refused.contains("text or json"));
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

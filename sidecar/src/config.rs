@@ -68,6 +68,9 @@ pub struct Args {
     /// Locality label reported to the control plane.
     #[arg(long, env = "SINEW_ZONE", default_value = "")]
     pub zone: String,
+    /// Log lines for people (`text`) or one JSON object per line (`json`), on stderr.
+    #[arg(long, env = "SINEW_LOG_FORMAT", default_value = "text")]
+    pub log_format: sinew_proto::logging::LogFormat,
     /// Worker threads [default: one per core].
     #[arg(long, env = "SINEW_THREADS")]
     pub threads: Option<usize>,

@@ -2,8 +2,8 @@ use clap::Parser;
 use sinew_sidecar::config::Args;
 
 fn main() -> std::process::ExitCode {
-    sinew_proto::logging::init("sinew-sidecar");
     let args = Args::parse();
+    sinew_proto::logging::init("sinew-sidecar", args.log_format);
     let threads = args.threads;
     let config = match args.into_config() {
         Ok(config) => config,
