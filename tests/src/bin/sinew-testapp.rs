@@ -297,6 +297,27 @@ async fn handle(
                 .collect();
             Response::new(full(format!("{length} {hex}")))
         }
+        "/sse" => {
+            // Server-sent events: `n` events, `ms` apart, each its own chunk.
+            let n = query(&request, "n").unwrap_or(10);
+            let ms = query(&request, "ms").unwrap_or(100);
+            let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                if i == n {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let event = Bytes::from(format!("id: {i}\ndata: event {i}\n\n"));
+                Some((Ok::<_, hyper::Error>(Frame::data(event)), i + 1))
+            });
+            let mut response = Response::new(StreamBody::new(stream).boxed());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            response
+        }
         "/slow" => {
             let ms = query(&request, "ms").unwrap_or(1000);
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
