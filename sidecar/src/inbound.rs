@@ -279,6 +279,8 @@ impl Inbound {
             parts.headers.insert(http::header::HOST, host);
         }
         parts.headers.remove(CALLER_HEADER);
+        let trace = crate::trace::next_hop(&mut parts.headers);
+        tracing::debug!(%trace, caller = caller.unwrap_or("(event)"), path = %parts.uri.path(), "inbound");
         if let Some(value) = caller.and_then(|c| HeaderValue::from_str(c).ok()) {
             parts.headers.insert(CALLER_HEADER, value);
         }

@@ -24,6 +24,7 @@ pub mod outbound;
 pub mod resilience;
 pub mod snapshot;
 pub mod state;
+pub mod trace;
 pub mod transport;
 
 use anyhow::Context;

@@ -722,6 +722,8 @@ fn rewrite(request: Request<Incoming>, service: &str) -> Result<Request<Body>, M
         .build()
         .map_err(|e| MeshError::BadRequest(format!("cannot rewrite the URI: {e}")))?;
     parts.headers.remove(CALLER_HEADER);
+    let trace = crate::trace::next_hop(&mut parts.headers);
+    tracing::debug!(%trace, %service, path = %parts.uri.path(), "outbound");
     let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
     Ok(Request::from_parts(parts, body))
 }

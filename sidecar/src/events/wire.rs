@@ -135,6 +135,16 @@ pub fn from_binary(
         })
         .transpose()?
         .unwrap_or_else(|| "application/octet-stream".into());
+    // The publisher's trace context travels with the event (CloudEvents' distributed
+    // tracing extension): delivered as `ce-traceparent`, and as the delivery's `traceparent`.
+    if !attrs.contains_key(crate::trace::TRACEPARENT)
+        && let Some(parent) = headers
+            .get(crate::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::trace::TraceParent::parse(v).is_some())
+    {
+        attrs.insert(crate::trace::TRACEPARENT.to_string(), parent.to_string());
+    }
     let from_attrs = attrs.remove("partitionkey");
     let key = key_header(headers)?.or(from_attrs);
     build(topic, attrs, key, content_type, data.to_vec(), origin)
@@ -385,6 +395,9 @@ pub fn delivery_request(
             builder = builder.header(format!("ce-{name}"), value);
         }
     }
+    if let Some(parent) = event.extensions.get(crate::trace::TRACEPARENT) {
+        builder = builder.header(crate::trace::TRACEPARENT, parent);
+    }
     let body = Full::new(Bytes::from(event.data.clone()))
         .map_err(|never| -> BoxError { match never {} })
         .boxed();
@@ -421,6 +434,22 @@ pub fn rfc3339(unix_ms: i64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_publishers_trace_context_travels_with_the_event() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = HeaderMap::new();
+        headers.insert("traceparent", HeaderValue::from_static(parent));
+        let event = from_binary("t", &headers, Bytes::from_static(b"x"), &origin()).unwrap();
+        assert_eq!(event.extensions["traceparent"], parent);
+        let request = delivery_request("billing", "/e", &event).unwrap();
+        assert_eq!(request.headers()["ce-traceparent"], parent);
+        assert_eq!(request.headers()["traceparent"], parent);
+        // A malformed one is not recorded.
+        headers.insert("traceparent", HeaderValue::from_static("nonsense"));
+        let event = from_binary("t", &headers, Bytes::from_static(b"x"), &origin()).unwrap();
+        assert!(!event.extensions.contains_key("traceparent"));
+    }
 
     fn origin() -> Origin {
         Origin {
