@@ -275,21 +275,55 @@ pub struct RetryPolicy {
     pub budget: RetryBudgetPolicy,
 }
 
-/// One entry of `spec.retries.on`: a status code or a named condition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+/// One entry of `spec.retries.on`: a status code or a named condition. Written as a number or
+/// a word (`503`, `reset`); any other word is refused where it is read, with its field path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RetryOnText", into = "RetryOnText")]
 pub enum RetryOn {
+    /// An answer with this status (4xx or 5xx).
     Status(u16),
-    Condition(String),
+    /// The stream broke before the response head (idempotent methods only).
+    Reset,
+    /// gRPC status 14 in a trailers-only answer.
+    Unavailable,
+    /// A per-try timeout, for any method (POST included).
+    Timeout,
 }
 
-impl RetryOn {
-    pub const CONDITIONS: [&'static str; 3] = ["reset", "unavailable", "timeout"];
+/// How a [`RetryOn`] is written.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum RetryOnText {
+    Status(u16),
+    Word(String),
+}
 
-    /// Whether `list` names the condition `name`.
-    pub fn lists(list: &[RetryOn], name: &str) -> bool {
-        list.iter()
-            .any(|on| matches!(on, RetryOn::Condition(c) if c == name))
+impl TryFrom<RetryOnText> for RetryOn {
+    type Error = String;
+
+    fn try_from(text: RetryOnText) -> Result<Self, String> {
+        match text {
+            RetryOnText::Status(code) => Ok(RetryOn::Status(code)),
+            RetryOnText::Word(word) => match word.as_str() {
+                "reset" => Ok(RetryOn::Reset),
+                "unavailable" => Ok(RetryOn::Unavailable),
+                "timeout" => Ok(RetryOn::Timeout),
+                _ => Err(format!(
+                    "`{word}`: must be a 4xx or 5xx status code, `reset`, `unavailable` or `timeout`"
+                )),
+            },
+        }
+    }
+}
+
+impl From<RetryOn> for RetryOnText {
+    fn from(on: RetryOn) -> Self {
+        match on {
+            RetryOn::Status(code) => RetryOnText::Status(code),
+            RetryOn::Reset => RetryOnText::Word("reset".into()),
+            RetryOn::Unavailable => RetryOnText::Word("unavailable".into()),
+            RetryOn::Timeout => RetryOnText::Word("timeout".into()),
+        }
     }
 }
 
@@ -409,7 +443,7 @@ impl ServiceSpec {
         for (i, on) in r.on.iter().enumerate() {
             let ok = match on {
                 RetryOn::Status(code) => (400..=599).contains(code),
-                RetryOn::Condition(name) => RetryOn::CONDITIONS.contains(&name.as_str()),
+                RetryOn::Reset | RetryOn::Unavailable | RetryOn::Timeout => true,
             };
             if !ok {
                 return Err((
@@ -879,10 +913,7 @@ mod tests {
                 .unwrap();
         assert_eq!(
             docs[0].spec.service().unwrap().retries.on,
-            [
-                RetryOn::Status(503),
-                RetryOn::Condition("unavailable".into())
-            ]
+            [RetryOn::Status(503), RetryOn::Unavailable]
         );
         let err = ServiceSpec::from_json(r#"{"retries":{"attempts":0}}"#).unwrap_err();
         assert_eq!(err.path, "spec.retries.attempts");
@@ -1006,7 +1037,7 @@ mod tests {
                 max_extra: 1
             })
         );
-        assert!(RetryOn::lists(&spec.retries.on, "timeout"));
+        assert!(spec.retries.on.contains(&RetryOn::Timeout));
         assert_eq!(ServiceSpec::from_json(&spec.to_json()).as_ref(), Ok(spec));
         let err = ServiceSpec::from_json(r#"{"hedge":{"delay":"0ms"}}"#).unwrap_err();
         assert_eq!(err.path, "spec.hedge.delay");

@@ -414,7 +414,7 @@ impl<T: Transport> Outbound<T> {
                 let retryable = e.is_connect_failure()
                     || (plan.idempotent
                         && matches!(e, TransportError::Reset { .. })
-                        && RetryOn::lists(&policy.retries.on, "reset"));
+                        && policy.retries.on.contains(&RetryOn::Reset));
                 let error = match e {
                     TransportError::Connect { .. } => MeshError::ConnectFailure(e.to_string()),
                     TransportError::Refused { .. } => MeshError::PeerRefused(e.to_string()),
@@ -438,7 +438,7 @@ impl<T: Transport> Outbound<T> {
                 }
                 if done >= plan.deadline {
                     Verdict::Failed(timeout_error(policy.timeout))
-                } else if plan.idempotent || RetryOn::lists(&policy.retries.on, "timeout") {
+                } else if plan.idempotent || policy.retries.on.contains(&RetryOn::Timeout) {
                     Verdict::Retry(Err(timeout_error(try_timeout)))
                 } else {
                     Verdict::Failed(timeout_error(try_timeout))
@@ -625,13 +625,11 @@ fn endpoint_failed<B>(response: &Response<B>) -> bool {
 fn retry_on_answer<B>(on: &[RetryOn], response: &Response<B>) -> bool {
     on.iter().any(|condition| match condition {
         RetryOn::Status(code) => response.status().as_u16() == *code,
-        RetryOn::Condition(name) => {
-            name == "unavailable"
-                && response
-                    .headers()
-                    .get("grpc-status")
-                    .is_some_and(|v| v.as_bytes() == b"14")
-        }
+        RetryOn::Unavailable => response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"14"),
+        RetryOn::Reset | RetryOn::Timeout => false,
     })
 }
 
@@ -779,10 +777,7 @@ mod tests {
             }
             response.body(()).unwrap()
         };
-        let on = [
-            RetryOn::Status(503),
-            RetryOn::Condition("unavailable".into()),
-        ];
+        let on = [RetryOn::Status(503), RetryOn::Unavailable];
         assert!(retry_on_answer(&on, &answer(503, None)));
         assert!(!retry_on_answer(&on, &answer(500, None)));
         assert!(!retry_on_answer(&on, &answer(200, None)));
