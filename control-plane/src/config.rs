@@ -29,6 +29,14 @@ pub struct Config {
     pub cert_lifetime: Duration,
     /// How often the policy files are checked for changes.
     pub policy_poll_interval: Duration,
+    /// How long a new connection may take to send its HTTP/2 preface (gRPC port) or a
+    /// request's headers (HTTP port) before it is closed.
+    pub handshake_timeout: Duration,
+    /// Open connections per port at most; past it a new one is closed at once.
+    pub max_connections: usize,
+    /// The largest Update sent to a sidecar; at most what sidecars decode
+    /// ([`sinew_proto::limits::MAX_UPDATE_BYTES`]). Lower only in tests.
+    pub max_update_bytes: usize,
 }
 
 impl Default for Config {
@@ -44,6 +52,9 @@ impl Default for Config {
             trust_domain: "sinew.local".into(),
             cert_lifetime: Duration::from_secs(24 * 3600),
             policy_poll_interval: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_update_bytes: sinew_proto::limits::MAX_UPDATE_BYTES,
         }
     }
 }
@@ -80,6 +91,22 @@ impl Config {
         }
         if self.lease_grace > day {
             return Err("--lease-grace: must be at most 24h".into());
+        }
+        if self.handshake_timeout < Duration::from_millis(100)
+            || self.handshake_timeout > Duration::from_secs(600)
+        {
+            return Err("--handshake-timeout: must be between 100ms and 10m".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections: must be at least 1".into());
+        }
+        if self.max_update_bytes == 0
+            || self.max_update_bytes > sinew_proto::limits::MAX_UPDATE_BYTES
+        {
+            return Err(format!(
+                "max update size: must be 1-{} bytes (what sidecars decode)",
+                sinew_proto::limits::MAX_UPDATE_BYTES
+            ));
         }
         if self.policy_poll_interval.is_zero() {
             return Err("policy poll interval must be positive".into());

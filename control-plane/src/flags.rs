@@ -60,6 +60,18 @@ pub struct Flags {
     /// Lifetime of issued certificates.
     #[arg(long, value_name = "DUR", env = "SINEW_CONTROL_CERT_LIFETIME", default_value = "24h", value_parser = duration)]
     pub cert_lifetime: Duration,
+    /// How long a new connection may take to send its HTTP/2 preface (gRPC) or a request's
+    /// headers (HTTP) before it is closed.
+    #[arg(long, value_name = "DUR", env = "SINEW_CONTROL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Open connections per port at most; past it a new one is closed at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "SINEW_CONTROL_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub max_connections: usize,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -78,6 +90,8 @@ impl Flags {
             lease_grace: self.lease_grace,
             trust_domain: self.trust_domain,
             cert_lifetime: self.cert_lifetime,
+            handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
             ..Config::default()
         }
     }

@@ -9,7 +9,8 @@
 //! - [`registry`], [`sync`], [`snapshot`], [`view`], [`policies`]: the pure bookkeeping
 //!   (leases, nonces, what each sidecar sees, what a policy change does), tested without I/O.
 //! - [`sidecar_api`], [`session`]: the sidecar side of the protocol; [`admin_api`]: `sinewctl`'s.
-//! - [`store`], [`ca`], [`tokens`], [`policy_files`], [`http`], [`metrics`]: the edges.
+//! - [`store`], [`ca`], [`tokens`], [`policy_files`], [`http`], [`metrics`]: the edges;
+//!   [`listen`]: the ports' connection limits.
 #![forbid(unsafe_code)]
 
 pub mod admin_api;
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod flags;
 pub mod http;
+pub mod listen;
 pub mod mesh;
 pub mod metrics;
 pub mod policies;

@@ -344,6 +344,13 @@ impl Mesh {
         }
     }
 
+    /// An Update for this stream was not sent (too large); shown like a NACK.
+    pub fn record_refused(&self, node_id: &str, session: u64, version: u64, error: &str) {
+        if let Some(t) = self.lock().registry.tracker_mut(node_id, session) {
+            t.on_refused(version, error);
+        }
+    }
+
     /// Ends the leases that ran out; returns when to call again.
     pub fn expire(&self, now: i64) -> Option<i64> {
         let mut inner = self.lock();

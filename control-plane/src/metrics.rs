@@ -14,6 +14,9 @@ pub const ACKS: &str = "sinew_control_acks_total";
 pub const NACKS: &str = "sinew_control_nacks_total";
 pub const CERTIFICATES_ISSUED: &str = "sinew_control_certificates_issued_total";
 pub const POLICY_APPLY: &str = "sinew_control_policy_apply_total";
+pub const CONNECTIONS_REFUSED: &str = "sinew_control_connections_refused_total";
+pub const HANDSHAKE_TIMEOUTS: &str = "sinew_control_handshake_timeouts_total";
+pub const UPDATES_TOO_LARGE: &str = "sinew_control_updates_too_large_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -50,13 +53,35 @@ fn describe() {
         POLICY_APPLY,
         "Policy changes by result (ok, invalid, error)."
     );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at once because the port had --max-connections open, by port."
+    );
+    metrics::describe_counter!(
+        HANDSHAKE_TIMEOUTS,
+        "gRPC connections closed for sending no HTTP/2 preface within --handshake-timeout."
+    );
+    metrics::describe_counter!(
+        UPDATES_TOO_LARGE,
+        "Updates not sent because they exceeded what a sidecar decodes (16 MiB)."
+    );
 }
 
 /// Makes every counter appear (at 0) before its first event, so dashboards and alerts see
 /// the series from the start.
 fn register() {
-    for name in [UPDATES_SENT, ACKS, NACKS, CERTIFICATES_ISSUED] {
+    for name in [
+        UPDATES_SENT,
+        ACKS,
+        NACKS,
+        CERTIFICATES_ISSUED,
+        HANDSHAKE_TIMEOUTS,
+        UPDATES_TOO_LARGE,
+    ] {
         metrics::counter!(name).increment(0);
+    }
+    for port in ["grpc", "http"] {
+        metrics::counter!(CONNECTIONS_REFUSED, "port" => port).increment(0);
     }
     for result in ["ok", "invalid", "error"] {
         metrics::counter!(POLICY_APPLY, "result" => result).increment(0);

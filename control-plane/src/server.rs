@@ -7,24 +7,36 @@ use crate::admin_api::{AdminApiService, RequireToken};
 use crate::ca::MeshCa;
 use crate::clock::unix_ms;
 use crate::config::Config;
+use crate::listen::{self, Limits};
 use crate::mesh::Mesh;
 use crate::session::Streams;
-use crate::sidecar_api::SidecarApiService;
+use crate::sidecar_api::{SidecarApiRoutes, SidecarApiService};
 use crate::store::Store;
 use crate::{http, metrics, policy_files, tokens};
 use anyhow::Context;
 use sinew_proto::v1::admin_api_server::AdminApiServer;
-use sinew_proto::v1::sidecar_api_server::SidecarApiServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 
 /// How long a graceful stop may take before the remaining connections are dropped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+// Limits of the gRPC port (the accept-side ones are in [`listen`]). A sidecar uses one stream
+// on one connection, `sinewctl` a few; 128 leaves room for tests and tools that multiplex.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Streams the peer reset before they were accepted, at most (h2's default, made explicit).
+const MAX_PENDING_RESETS: usize = 20;
+/// Streams we had to reset for the peer's errors, at most, before GOAWAY.
+const MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// A request's headers at most (bytes, as HTTP/2 counts them).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The largest admin request: a policy stream of many documents.
+const MAX_ADMIN_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// A running control plane.
 #[derive(Debug)]
@@ -155,19 +167,33 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
         join_token: join_token.clone(),
         streams: streams.clone(),
         shutdown: shutdown_rx.clone(),
+        max_update_bytes: config.max_update_bytes,
     };
     let admin_api = AdminApiService {
         mesh: mesh.clone(),
         streams,
     };
     let mut stop = shutdown_rx.clone();
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let limits = Limits {
+        max_connections: config.max_connections,
+        handshake_timeout: config.handshake_timeout,
+    };
+    let incoming = listen::grpc_incoming(grpc_listener, limits, shutdown_rx.clone());
+    let admin_api = AdminApiServer::new(admin_api).max_decoding_message_size(MAX_ADMIN_MESSAGE);
     let grpc = tonic::transport::Server::builder()
-        // Find sidecars that vanished without closing their connection.
+        // Find sidecars that vanished without closing their connection (and connections that
+        // sent the preface, then nothing).
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(SidecarApiServer::new(sidecar_api))
-        .add_service(AdminApiServer::with_interceptor(
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // Rapid reset (streams opened and reset at once) and a peer provoking errors: GOAWAY.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        // Bounds a request's headers, CONTINUATION frames included.
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .add_service(SidecarApiRoutes::new(sidecar_api))
+        // The interceptor checks the token before the message is read.
+        .add_service(InterceptedService::new(
             admin_api,
             RequireToken::new(&admin_token),
         ))
@@ -176,7 +202,12 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
         });
 
     let mut tasks = vec![
-        tokio::spawn(http::serve(http_listener, prometheus, shutdown_rx.clone())),
+        tokio::spawn(http::serve(
+            http_listener,
+            prometheus,
+            limits,
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(reap(mesh.clone(), shutdown_rx.clone())),
     ];
     if let Some((path, contents)) = policy {

@@ -9,6 +9,7 @@ use crate::mesh::Mesh;
 use crate::metrics as m;
 use crate::sync::{Answer, new_nonce};
 use crate::view::SentView;
+use prost::Message;
 use sinew_proto::v1::{
     ControlMessage, EventsReply, EventsRequest, SidecarMessage, Update, control_message,
     sidecar_message,
@@ -162,6 +163,8 @@ pub struct Session {
     pub outbound: mpsc::Sender<Result<ControlMessage, Status>>,
     pub replaced: watch::Receiver<()>,
     pub shutdown: watch::Receiver<bool>,
+    /// Updates larger than this are not sent (see [`sinew_proto::limits`]).
+    pub max_update_bytes: usize,
 }
 
 /// Why a stream task ended.
@@ -181,7 +184,7 @@ impl Session {
         let first = snapshots.borrow_and_update().clone();
         // The first Update is always the full view (possibly empty).
         let sent = match view.next_update(&first) {
-            Some(update) => self.send(update).await,
+            Some(update) => self.send(update, &mut view).await,
             None => true,
         };
         let end = if sent {
@@ -212,7 +215,7 @@ impl Session {
                         if self.handle(message, view) {
                             let snapshot = snapshots.borrow().clone();
                             if let Some(update) = view.next_update(&snapshot)
-                                && !self.send(update).await
+                                && !self.send(update, view).await
                             {
                                 return End::Gone;
                             }
@@ -232,7 +235,7 @@ impl Session {
                     let Some(update) = view.next_update(&snapshot) else {
                         continue;
                     };
-                    if !self.send(update).await {
+                    if !self.send(update, view).await {
                         return End::Gone;
                     }
                 }
@@ -293,19 +296,44 @@ impl Session {
     }
 
     /// Sends an Update with a fresh nonce. Returns false if the sidecar is gone.
-    async fn send(&mut self, mut update: Update) -> bool {
-        update.nonce = new_nonce();
-        self.mesh
-            .record_sent(&self.node_id, self.session, update.version, &update.nonce);
+    ///
+    /// An Update larger than the sidecar decodes is not sent: sent, it would break the stream,
+    /// and the sidecar would reconnect and be sent the same one again. It is recorded like a
+    /// NACK (`sinewctl status` shows it) and logged; the sidecar keeps its last snapshot and
+    /// the stream stays open for the next change.
+    async fn send(&mut self, mut update: Update, view: &mut SentView) -> bool {
+        let nonce = new_nonce();
+        update.nonce = nonce.clone();
+        let version = update.version;
         let message = ControlMessage {
             kind: Some(control_message::Kind::Update(update)),
         };
+        let size = message.encoded_len();
+        if size > self.max_update_bytes {
+            let error = too_large(version, size, self.max_update_bytes);
+            tracing::error!(node_id = %self.node_id, service = %self.service, version, size, "{error}");
+            metrics::counter!(m::UPDATES_TOO_LARGE).increment(1);
+            self.mesh
+                .record_refused(&self.node_id, self.session, version, &error);
+            view.on_not_sent();
+            return true;
+        }
+        self.mesh
+            .record_sent(&self.node_id, self.session, version, &nonce);
         let sent = self.outbound.send(Ok(message)).await.is_ok();
         if sent {
             metrics::counter!(m::UPDATES_SENT).increment(1);
         }
         sent
     }
+}
+
+/// Why an Update was not sent, for the log and `sinewctl status`.
+fn too_large(version: u64, size: usize, limit: usize) -> String {
+    format!(
+        "update v{version} not sent: {size} bytes, over the {limit} bytes a sidecar accepts; \
+         too many endpoints or labels in this sidecar's scope (declare `calls` to narrow it)"
+    )
 }
 
 #[cfg(test)]

@@ -11,13 +11,16 @@ use crate::registry::InstanceSpec;
 use crate::session::{Session, Streams};
 use crate::tokens::constant_time_eq;
 use sinew_proto::policy::validate_name;
-use sinew_proto::v1::sidecar_api_server::SidecarApi;
+use sinew_proto::v1::sidecar_api_server::{self, SidecarApi, SidecarApiServer};
 use sinew_proto::v1::{
     CertificateRequest, CertificateResponse, ControlMessage, Hello, SidecarMessage, sidecar_message,
 };
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::sync::{mpsc, watch};
+use tonic::codegen::Service;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Updates queued per stream before the stream task waits for the sidecar to read.
@@ -26,9 +29,16 @@ const OUTBOUND_QUEUE: usize = 16;
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Node ids are free-form (hostnames, pod names, UUIDs) but bounded.
 const MAX_NODE_ID: usize = 253;
-/// Bounds on what a Hello may make every sidecar carry.
-const MAX_LABELS: usize = 32;
-const MAX_LABEL: usize = 253;
+/// Bound on a Hello's zone (labels: [`sinew_proto::limits::check_labels`]), which every
+/// sidecar that sees the instance carries.
+const MAX_ZONE: usize = 253;
+/// The largest message a sidecar may send on its `Connect` stream (the join token is checked
+/// before any is read): an EventsReply with up to 1,000 dead letters fits.
+pub const MAX_CONNECT_MESSAGE: usize = 4 * 1024 * 1024;
+/// The largest `IssueCertificate` request. Its join token is in the message, so the message
+/// is read before the token is checked: a CSR is about 1 KiB, a token and a service name
+/// less.
+pub const MAX_CERTIFICATE_REQUEST: usize = 64 * 1024;
 
 /// `Connect` carries the join token as `authorization: Bearer <token>`, so only sidecars that
 /// may join can register instances (and so steer traffic).
@@ -54,6 +64,8 @@ pub struct SidecarApiService {
     pub join_token: String,
     pub streams: Arc<Streams>,
     pub shutdown: watch::Receiver<bool>,
+    /// See [`crate::Config::max_update_bytes`].
+    pub max_update_bytes: usize,
 }
 
 #[tonic::async_trait]
@@ -103,6 +115,7 @@ impl SidecarApi for SidecarApiService {
             outbound,
             replaced,
             shutdown: self.shutdown.clone(),
+            max_update_bytes: self.max_update_bytes,
         };
         tokio::spawn(task.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -156,19 +169,11 @@ fn instance_spec(hello: &Hello) -> Result<InstanceSpec, String> {
             "hello.instance_addr: `{addr}` cannot be dialled (unspecified address or port 0)"
         ));
     }
-    if hello.zone.len() > MAX_LABEL {
-        return Err(format!("hello.zone: at most {MAX_LABEL} bytes"));
+    if hello.zone.len() > MAX_ZONE {
+        return Err(format!("hello.zone: at most {MAX_ZONE} bytes"));
     }
-    if hello.labels.len() > MAX_LABELS
-        || hello
-            .labels
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > MAX_LABEL || v.len() > MAX_LABEL)
-    {
-        return Err(format!(
-            "hello.labels: at most {MAX_LABELS} labels, keys of 1-{MAX_LABEL} bytes, values up to {MAX_LABEL}"
-        ));
-    }
+    sinew_proto::limits::check_labels(&hello.labels)
+        .map_err(|reason| format!("hello.labels: {reason}"))?;
     Ok(InstanceSpec {
         node_id: hello.node_id.clone(),
         service: hello.service.clone(),
@@ -176,6 +181,61 @@ fn instance_spec(hello: &Hello) -> Result<InstanceSpec, String> {
         zone: hello.zone.clone(),
         labels: hello.labels.clone(),
     })
+}
+
+/// The `SidecarApi` with a decode limit per method: `Connect` checks its token before it
+/// reads a message and may carry large EventsReplies; `IssueCertificate` carries its token in
+/// the message, so an unauthenticated caller may make it read at most
+/// [`MAX_CERTIFICATE_REQUEST`] bytes.
+#[derive(Clone)]
+pub struct SidecarApiRoutes {
+    connect: SidecarApiServer<SidecarApiService>,
+    certificates: SidecarApiServer<SidecarApiService>,
+}
+
+/// The path of `IssueCertificate`, which [`SidecarApiRoutes`] serves with the small limit.
+const ISSUE_CERTIFICATE: &str = "/sinew.mesh.v1.SidecarApi/IssueCertificate";
+
+impl SidecarApiRoutes {
+    pub fn new(service: SidecarApiService) -> Self {
+        let service = Arc::new(service);
+        SidecarApiRoutes {
+            connect: SidecarApiServer::from_arc(service.clone())
+                .max_decoding_message_size(MAX_CONNECT_MESSAGE),
+            certificates: SidecarApiServer::from_arc(service)
+                .max_decoding_message_size(MAX_CERTIFICATE_REQUEST),
+        }
+    }
+}
+
+impl NamedService for SidecarApiRoutes {
+    const NAME: &'static str = sidecar_api_server::SERVICE_NAME;
+}
+
+type Inner = SidecarApiServer<SidecarApiService>;
+
+impl Service<http::Request<tonic::body::Body>> for SidecarApiRoutes {
+    type Response = <Inner as Service<http::Request<tonic::body::Body>>>::Response;
+    type Error = <Inner as Service<http::Request<tonic::body::Body>>>::Error;
+    type Future = <Inner as Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Both are always ready (the generated server is); ask both anyway.
+        match Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.connect, cx) {
+            Poll::Ready(Ok(())) => {
+                Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.certificates, cx)
+            }
+            other => other,
+        }
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() == ISSUE_CERTIFICATE {
+            self.certificates.call(request)
+        } else {
+            self.connect.call(request)
+        }
+    }
 }
 
 #[cfg(test)]

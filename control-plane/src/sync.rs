@@ -87,6 +87,15 @@ impl SyncTracker {
         Answer::Recorded
     }
 
+    /// The control plane did not send `version`: it was larger than a sidecar decodes. Shown
+    /// like a NACK; an answer to an Update sent before says nothing of the sidecar's state now.
+    pub fn on_refused(&mut self, version: u64, error: &str) {
+        self.last_nonce.clear();
+        self.state = SyncState::Nack;
+        self.last_nack_error = truncate(error, MAX_NACK_ERROR).to_string();
+        self.last_nack_version = version;
+    }
+
     fn is_current(&self, nonce: &str) -> bool {
         !self.last_nonce.is_empty() && self.last_nonce == nonce
     }
@@ -158,6 +167,17 @@ mod tests {
         t.on_sent(5, "n3");
         assert_eq!(t.state, SyncState::Pending);
         assert_eq!(t.last_nack_version, 4);
+    }
+
+    #[test]
+    fn an_update_not_sent_shows_like_a_nack_and_supersedes_answers_in_flight() {
+        let mut t = SyncTracker::new(0);
+        t.on_sent(3, "n1");
+        t.on_refused(4, "too large");
+        assert_eq!(t.state, SyncState::Nack);
+        assert_eq!((t.last_nack_version, t.sent_version), (4, 3));
+        assert_eq!(t.on_ack(3, "n1"), Answer::Stale);
+        assert_eq!(t.state, SyncState::Nack);
     }
 
     #[test]

@@ -99,6 +99,12 @@ impl SentView {
         !self.last_full
     }
 
+    /// The last Update was not sent after all (too large): the sidecar holds an older
+    /// snapshot, so the next change goes as a full Update, which may fit by then.
+    pub fn on_not_sent(&mut self) {
+        self.needs_full = true;
+    }
+
     pub fn sent_version(&self) -> u64 {
         self.sent_version
     }

@@ -1,10 +1,12 @@
 //! Sinew's wire contract, shared by the sidecar and the control plane:
 //!
 //! - [`v1`]: the gRPC services and messages generated from `proto/sinew/mesh/v1/*.proto`;
-//! - [`policy`]: the policy documents (`kind: Service`, ...), their defaults and validation.
+//! - [`policy`]: the policy documents (`kind: Service`, ...), their defaults and validation;
+//! - [`limits`]: the sizes both ends of the control-plane protocol agree on.
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod limits;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod policy;

@@ -97,7 +97,10 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
             .parse()
             .context("the join token is not printable ASCII")?,
     );
-    let mut client = SidecarApiClient::new(channel);
+    // The same limit the control plane sends within (it refuses larger Updates, with an error
+    // `sinewctl status` shows), so an Update that was sent can always be decoded here.
+    let mut client = SidecarApiClient::new(channel)
+        .max_decoding_message_size(sinew_proto::limits::MAX_UPDATE_BYTES);
     let mut updates = tokio::select! {
         response = client.connect(request) => response
             .map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?
