@@ -57,6 +57,10 @@ pub struct Flags {
     /// Lifetime of issued certificates.
     #[arg(long, value_name = "DUR", env = "SINEW_CONTROL_CERT_LIFETIME", default_value = "24h", value_parser = duration)]
     pub cert_lifetime: Duration,
+    /// Lifetime of the mesh CA, used only when this start creates it [default: 10 years].
+    /// A CA already in the data dir keeps its own (a warning says so).
+    #[arg(long, value_name = "DUR", env = "SINEW_CONTROL_CA_LIFETIME", value_parser = duration)]
+    pub ca_lifetime: Option<Duration>,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -75,6 +79,7 @@ impl Flags {
             lease_grace: self.lease_grace,
             trust_domain: self.trust_domain,
             cert_lifetime: self.cert_lifetime,
+            ca_lifetime: self.ca_lifetime,
             ..Config::default()
         }
     }

@@ -14,6 +14,7 @@ pub const ACKS: &str = "sinew_control_acks_total";
 pub const NACKS: &str = "sinew_control_nacks_total";
 pub const CERTIFICATES_ISSUED: &str = "sinew_control_certificates_issued_total";
 pub const POLICY_APPLY: &str = "sinew_control_policy_apply_total";
+pub const CA_EXPIRY: &str = "sinew_control_ca_expiry_timestamp_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -46,6 +47,10 @@ fn describe() {
     metrics::describe_counter!(ACKS, "Updates acknowledged by sidecars.");
     metrics::describe_counter!(NACKS, "Updates refused by sidecars.");
     metrics::describe_counter!(CERTIFICATES_ISSUED, "Certificates issued by the mesh CA.");
+    metrics::describe_gauge!(
+        CA_EXPIRY,
+        "When the mesh CA's certificate expires (unix seconds)."
+    );
     metrics::describe_counter!(
         POLICY_APPLY,
         "Policy changes by result (ok, invalid, error)."

@@ -100,6 +100,17 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     config.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
+    // It holds the CA's key and the tokens: its owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| {
+                format!(
+                    "cannot make --data-dir {} private (0700)",
+                    config.data_dir.display()
+                )
+            })?;
+    }
     let admin_token = tokens::load_or_create(
         config.admin_token_file.as_deref(),
         &config.data_dir.join("admin-token"),
@@ -116,9 +127,11 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
         &store,
         &config.trust_domain,
         config.cert_lifetime,
+        config.ca_lifetime,
         unix_ms() / 1000,
     )
     .context("mesh CA")?;
+    let ca_validity = (ca.not_before_unix, ca.not_after_unix);
     let mesh = Arc::new(Mesh::open(store, &config.trust_domain, config.lease_grace)?);
 
     let policy = match &config.policy {
@@ -134,6 +147,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     };
 
     let prometheus = metrics::install();
+    ::metrics::gauge!(metrics::CA_EXPIRY).set(ca_validity.1 as f64);
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("cannot bind --grpc {}", config.grpc_addr))?;
@@ -155,6 +169,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     let admin_api = AdminApiService {
         mesh: mesh.clone(),
         streams,
+        ca_validity,
     };
     let mut stop = shutdown_rx.clone();
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
