@@ -1,6 +1,6 @@
 //! `sinewctl`: the mesh's command line.
 //!
-//! - `apply`, `get`, `delete`, `status`, `events` talk to the control plane's admin API (gRPC, bearer
+//! - `apply`, `get`, `delete`, `status`, `check`, `events` talk to the control plane's admin API (gRPC, bearer
 //!   token) — see [`admin`];
 //! - `up FILE` starts a whole local mesh (control plane, one sidecar per instance, the apps)
 //!   from one YAML file, and stops all of it on Ctrl-C — see [`up`].
@@ -11,6 +11,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod admin;
+mod check;
 mod table;
 mod up;
 
@@ -58,6 +59,9 @@ enum Command {
     Delete(DeleteCommand),
     /// Every sidecar's connection and configuration state (like `istioctl proxy-status`).
     Status,
+    /// Exit non-zero, saying why, when a certificate or the CA nears expiry or a sidecar is
+    /// disconnected or NACKing.
+    Check,
     /// Dead letters: list, replay, purge (asks every connected sidecar).
     #[command(subcommand)]
     Events(EventsCommand),
@@ -159,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin::dead_letters(&target, Op::Purge, filter).await
         }
         Command::Up(args) => return up::run(args).await,
+        Command::Check => return check::run(&target).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }
