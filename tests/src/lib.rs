@@ -235,6 +235,8 @@ pub struct Mesh {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub lease_grace: &'static str,
+    /// More `sinew-control` flags, given at every (re)start.
+    pub control_flags: Vec<String>,
 }
 
 impl Mesh {
@@ -244,6 +246,11 @@ impl Mesh {
 
     /// A mesh whose control plane keeps a vanished instance for `lease_grace`.
     pub fn start_with(test: &str, lease_grace: &'static str) -> Mesh {
+        Mesh::start_opts(test, lease_grace, &[])
+    }
+
+    /// [`Mesh::start_with`], the control plane started with `control_flags` as well.
+    pub fn start_opts(test: &str, lease_grace: &'static str, control_flags: &[&str]) -> Mesh {
         let scratch = Scratch::new(test);
         let mut mesh = Mesh {
             scratch,
@@ -251,6 +258,7 @@ impl Mesh {
             grpc: "127.0.0.1:0".parse().unwrap(),
             http: "127.0.0.1:0".parse().unwrap(),
             lease_grace,
+            control_flags: control_flags.iter().map(|f| f.to_string()).collect(),
         };
         mesh.start_control();
         mesh
@@ -271,7 +279,8 @@ impl Mesh {
             .arg("--data-dir")
             .arg(self.dir().join("control"))
             .arg("--lease-grace")
-            .arg(self.lease_grace);
+            .arg(self.lease_grace)
+            .args(&self.control_flags);
         let control = Proc::spawn("control", command, self.dir());
         self.grpc = control.addr("grpc");
         self.http = control.addr("http");
