@@ -26,6 +26,8 @@ pub struct AdminApiService {
     /// The sidecars' streams: dead letters live in the sidecars' outboxes, so the admin API
     /// asks them.
     pub streams: Arc<Streams>,
+    /// The mesh CA's (not_before, not_after), unix seconds, for `sinewctl status` and `check`.
+    pub ca_validity: (i64, i64),
 }
 
 /// How long `DeadLetters` waits for the sidecars' answers.
@@ -255,7 +257,10 @@ impl AdminApi for AdminApiService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.mesh.status()))
+        let mut status = self.mesh.status();
+        status.ca_not_before_unix = Some(self.ca_validity.0);
+        status.ca_not_after_unix = Some(self.ca_validity.1);
+        Ok(Response::new(status))
     }
 }
 

@@ -18,9 +18,11 @@ use rcgen::{
 use std::ops::Add;
 use std::time::Duration;
 
-/// How long the CA certificate itself is valid.
-const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Issued certificates are valid from a little before now, to tolerate clock skew.
+/// How long a new CA certificate is valid, unless `--ca-lifetime` says otherwise.
+pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Issued certificates are valid from a little before now, to tolerate clock skew: a minute,
+/// or a tenth of the lifetime when that is shorter (so that sidecars, which renew at 70% of
+/// the whole validity, do not find a seconds-long certificate already due).
 const BACKDATE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,9 @@ pub struct MeshCa {
     ca_pem: String,
     trust_domain: String,
     lifetime: Duration,
+    /// The CA certificate's validity, unix seconds: no certificate outlives it.
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -55,23 +60,36 @@ impl std::fmt::Debug for MeshCa {
 }
 
 impl MeshCa {
-    /// Loads the CA from the store, or creates and stores a new one.
+    /// Loads the CA from the store, or creates and stores a new one valid for `ca_lifetime`
+    /// (default [`CA_LIFETIME`]). A stored CA keeps its own lifetime: `ca_lifetime` is then
+    /// ignored, with a warning.
     pub fn load_or_create(
         store: &Store,
         trust_domain: &str,
         lifetime: Duration,
+        ca_lifetime: Option<Duration>,
         now_unix: i64,
     ) -> anyhow::Result<MeshCa> {
         let (cert_pem, key_pem) = match store.ca()? {
-            Some(pair) => pair,
+            Some(pair) => {
+                if ca_lifetime.is_some() {
+                    tracing::warn!(
+                        "--ca-lifetime applies only to a new CA; the stored CA keeps its own"
+                    );
+                }
+                pair
+            }
             None => {
-                let (cert_pem, key_pem) = create(trust_domain, now_unix)?;
+                let (cert_pem, key_pem) =
+                    create(trust_domain, ca_lifetime.unwrap_or(CA_LIFETIME), now_unix)?;
                 store.put_ca(&cert_pem, &key_pem)?;
                 tracing::info!("created a new mesh CA");
                 (cert_pem, key_pem)
             }
         };
         let key = KeyPair::from_pem(&key_pem).context("the stored CA key is unreadable")?;
+        let (not_before_unix, not_after_unix) =
+            validity_of(&cert_pem).context("the stored CA certificate is unreadable")?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .context("the stored CA certificate is unreadable")?;
         Ok(MeshCa {
@@ -79,6 +97,8 @@ impl MeshCa {
             ca_pem: cert_pem,
             trust_domain: trust_domain.to_string(),
             lifetime,
+            not_before_unix,
+            not_after_unix,
         })
     }
 
@@ -110,9 +130,17 @@ impl MeshCa {
         ];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = random_serial();
-        let not_before = now_unix.saturating_sub(BACKDATE.as_secs() as i64);
-        let not_after =
-            now_unix.saturating_add(i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX));
+        let backdate = BACKDATE.min(self.lifetime / 10).as_secs() as i64;
+        let not_before = now_unix.saturating_sub(backdate);
+        let not_after = now_unix
+            .saturating_add(i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX))
+            .min(self.not_after_unix);
+        if not_after <= now_unix {
+            return Err(CaError::Sign(format!(
+                "the mesh CA expired at {} (unix); it cannot issue certificates",
+                self.not_after_unix
+            )));
+        }
         params.not_before = at_unix(rcgen::date_time_ymd(1970, 1, 1), not_before)?;
         params.not_after = at_unix(rcgen::date_time_ymd(1970, 1, 1), not_after)?;
         let cert = params
@@ -126,8 +154,26 @@ impl MeshCa {
     }
 }
 
+/// A PEM certificate's (not_before, not_after), unix seconds.
+pub fn validity_of(cert_pem: &str) -> anyhow::Result<(i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let validity = cert.validity();
+    Ok((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
+}
+
 /// A new self-signed CA: (certificate PEM, key PEM). ECDSA P-256 with ring.
-fn create(trust_domain: &str, now_unix: i64) -> anyhow::Result<(String, String)> {
+fn create(
+    trust_domain: &str,
+    lifetime: Duration,
+    now_unix: i64,
+) -> anyhow::Result<(String, String)> {
     let key = KeyPair::generate().context("cannot generate the CA key")?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -150,7 +196,7 @@ fn create(trust_domain: &str, now_unix: i64) -> anyhow::Result<(String, String)>
     )?;
     params.not_after = at_unix(
         rcgen::date_time_ymd(1970, 1, 1),
-        now_unix.saturating_add(CA_LIFETIME.as_secs() as i64),
+        now_unix.saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX)),
     )?;
     let cert = params
         .self_signed(&key)
@@ -199,6 +245,7 @@ mod tests {
             &store,
             "sinew.local",
             Duration::from_secs(3600),
+            None,
             1_700_000_000,
         )
         .unwrap();
@@ -221,6 +268,60 @@ mod tests {
                 .starts_with("-----BEGIN CERTIFICATE-----")
         );
         assert!(!issued.certificate_pem.contains("evil"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn no_certificate_outlives_the_ca_and_short_ones_are_barely_backdated() {
+        let dir = std::env::temp_dir().join(format!(
+            "sinew-ca-short-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("control.redb")).unwrap();
+        let now = 1_700_000_000;
+        let ca = MeshCa::load_or_create(
+            &store,
+            "sinew.local",
+            Duration::from_secs(20),
+            Some(Duration::from_secs(600)),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (ca.not_before_unix, ca.not_after_unix),
+            (now - 60, now + 600)
+        );
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let issued = ca.issue("orders", &csr, now).unwrap();
+        assert_eq!(issued.not_after_unix, now + 20);
+        let (not_before, not_after) = validity_of(&issued.certificate_pem).unwrap();
+        assert_eq!(
+            (not_before, not_after),
+            (now - 2, now + 20),
+            "backdated a tenth of 20 s"
+        );
+        // Near the CA's end, certificates end with it; after it, none are issued.
+        let late = ca.issue("orders", &csr, now + 590).unwrap();
+        assert_eq!(late.not_after_unix, now + 600);
+        assert!(ca.issue("orders", &csr, now + 600).is_err());
+        // A stored CA keeps its lifetime whatever the flag says now.
+        let again = MeshCa::load_or_create(
+            &store,
+            "sinew.local",
+            Duration::from_secs(20),
+            Some(Duration::from_secs(9999)),
+            now + 5,
+        )
+        .unwrap();
+        assert_eq!(again.not_after_unix, now + 600);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -27,6 +27,9 @@ pub struct Config {
     pub trust_domain: String,
     /// Lifetime of issued certificates.
     pub cert_lifetime: Duration,
+    /// Lifetime of a CA created at this start (`None`: 10 years). A CA already in the store
+    /// keeps its own.
+    pub ca_lifetime: Option<Duration>,
     /// How often the policy files are checked for changes.
     pub policy_poll_interval: Duration,
     /// How long a new connection may take to send its HTTP/2 preface (gRPC port) or a
@@ -51,6 +54,7 @@ impl Default for Config {
             lease_grace: Duration::from_secs(10),
             trust_domain: "sinew.local".into(),
             cert_lifetime: Duration::from_secs(24 * 3600),
+            ca_lifetime: None,
             policy_poll_interval: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
@@ -86,8 +90,14 @@ impl Config {
             ));
         }
         let day = Duration::from_secs(24 * 3600);
-        if self.cert_lifetime < Duration::from_secs(60) || self.cert_lifetime > 366 * day {
-            return Err("--cert-lifetime: must be between 1m and 366 days (8784h)".into());
+        // Seconds are for tests and demos of renewal; sidecars renew at 70% of it.
+        if self.cert_lifetime < Duration::from_secs(10) || self.cert_lifetime > 366 * day {
+            return Err("--cert-lifetime: must be between 10s and 366 days (8784h)".into());
+        }
+        if let Some(ca) = self.ca_lifetime
+            && (ca < Duration::from_secs(60) || ca > 100 * 366 * day)
+        {
+            return Err("--ca-lifetime: must be between 1m and 100 years (878400h)".into());
         }
         if self.lease_grace > day {
             return Err("--lease-grace: must be at most 24h".into());
@@ -133,5 +143,16 @@ mod tests {
             ..Config::default()
         };
         assert!(bad.validate().unwrap_err().contains("--cert-lifetime"));
+        let bad = Config {
+            ca_lifetime: Some(Duration::from_secs(59)),
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("--ca-lifetime"));
+        let short = Config {
+            cert_lifetime: Duration::from_secs(10),
+            ca_lifetime: Some(Duration::from_secs(600)),
+            ..Config::default()
+        };
+        assert_eq!(short.validate(), Ok(()));
     }
 }

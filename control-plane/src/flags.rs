@@ -72,6 +72,10 @@ pub struct Flags {
         default_value_t = 10_000
     )]
     pub max_connections: usize,
+    /// Lifetime of the mesh CA, used only when this start creates it [default: 10 years].
+    /// A CA already in the data dir keeps its own (a warning says so).
+    #[arg(long, value_name = "DUR", env = "SINEW_CONTROL_CA_LIFETIME", value_parser = duration)]
+    pub ca_lifetime: Option<Duration>,
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -92,6 +96,7 @@ impl Flags {
             cert_lifetime: self.cert_lifetime,
             handshake_timeout: self.handshake_timeout,
             max_connections: self.max_connections,
+            ca_lifetime: self.ca_lifetime,
             ..Config::default()
         }
     }

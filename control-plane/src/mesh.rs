@@ -317,6 +317,17 @@ impl Mesh {
         }
     }
 
+    pub fn set_certificate(
+        &self,
+        node_id: &str,
+        session: u64,
+        status: sinew_proto::v1::CertificateStatus,
+    ) {
+        self.lock()
+            .registry
+            .set_certificate(node_id, session, status);
+    }
+
     pub fn record_sent(&self, node_id: &str, session: u64, version: u64, nonce: &str) {
         if let Some(t) = self.lock().registry.tracker_mut(node_id, session) {
             t.on_sent(version, nonce);
@@ -449,8 +460,18 @@ impl Mesh {
                     state: e.sync.state.as_str().to_string(),
                     last_nack_error: e.sync.last_nack_error.clone(),
                     last_nack_version: e.sync.last_nack_version,
+                    certificate_not_before_unix: e.certificate.as_ref().map(|c| c.not_before_unix),
+                    certificate_not_after_unix: e.certificate.as_ref().map(|c| c.not_after_unix),
+                    certificate_serial: e
+                        .certificate
+                        .as_ref()
+                        .map(|c| c.serial.clone())
+                        .unwrap_or_default(),
                 })
                 .collect(),
+            // The CA is not the mesh's to know; the admin API adds it.
+            ca_not_before_unix: None,
+            ca_not_after_unix: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub const POLICY_APPLY: &str = "sinew_control_policy_apply_total";
 pub const CONNECTIONS_REFUSED: &str = "sinew_control_connections_refused_total";
 pub const HANDSHAKE_TIMEOUTS: &str = "sinew_control_handshake_timeouts_total";
 pub const UPDATES_TOO_LARGE: &str = "sinew_control_updates_too_large_total";
+pub const CA_EXPIRY: &str = "sinew_control_ca_expiry_timestamp_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -49,6 +50,10 @@ fn describe() {
     metrics::describe_counter!(ACKS, "Updates acknowledged by sidecars.");
     metrics::describe_counter!(NACKS, "Updates refused by sidecars.");
     metrics::describe_counter!(CERTIFICATES_ISSUED, "Certificates issued by the mesh CA.");
+    metrics::describe_gauge!(
+        CA_EXPIRY,
+        "When the mesh CA's certificate expires (unix seconds)."
+    );
     metrics::describe_counter!(
         POLICY_APPLY,
         "Policy changes by result (ok, invalid, error)."

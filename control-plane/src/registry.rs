@@ -9,6 +9,7 @@
 //! Plain code: every call that depends on time takes `now` (unix ms).
 
 use crate::sync::SyncTracker;
+use sinew_proto::v1::CertificateStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub struct Entry {
     pub serving: bool,
     pub connected_since_ms: i64,
     pub sync: SyncTracker,
+    /// The certificate the sidecar last reported on this stream.
+    pub certificate: Option<CertificateStatus>,
 }
 
 impl Entry {
@@ -109,6 +112,7 @@ impl Registry {
             serving: true,
             connected_since_ms: now,
             sync: SyncTracker::new(applied_version),
+            certificate: None,
         };
         let before = self.entries.get(&entry.spec.node_id);
         let endpoints_changed = before.and_then(Entry::visible) != entry.visible();
@@ -133,6 +137,7 @@ impl Registry {
             serving: true,
             connected_since_ms: 0,
             sync: SyncTracker::new(0),
+            certificate: None,
         };
         self.entries.insert(entry.spec.node_id.clone(), entry);
     }
@@ -168,6 +173,13 @@ impl Registry {
                 entry.is_live()
             }
             _ => false,
+        }
+    }
+
+    /// Records the certificate the sidecar of `session` presents now.
+    pub fn set_certificate(&mut self, node_id: &str, session: u64, status: CertificateStatus) {
+        if let Some(entry) = self.owned_mut(node_id, session) {
+            entry.certificate = Some(status);
         }
     }
 

@@ -112,6 +112,17 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     config.validate().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create --data-dir {}", config.data_dir.display()))?;
+    // It holds the CA's key and the tokens: its owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| {
+                format!(
+                    "cannot make --data-dir {} private (0700)",
+                    config.data_dir.display()
+                )
+            })?;
+    }
     let admin_token = tokens::load_or_create(
         config.admin_token_file.as_deref(),
         &config.data_dir.join("admin-token"),
@@ -128,9 +139,11 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
         &store,
         &config.trust_domain,
         config.cert_lifetime,
+        config.ca_lifetime,
         unix_ms() / 1000,
     )
     .context("mesh CA")?;
+    let ca_validity = (ca.not_before_unix, ca.not_after_unix);
     let mut mesh = Mesh::open(store, &config.trust_domain, config.lease_grace)?;
     if let Some(path) = &config.policy {
         mesh = mesh.with_policy_source(path);
@@ -150,6 +163,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     };
 
     let prometheus = metrics::install();
+    ::metrics::gauge!(metrics::CA_EXPIRY).set(ca_validity.1 as f64);
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("cannot bind --grpc {}", config.grpc_addr))?;
@@ -172,6 +186,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunningControl> {
     let admin_api = AdminApiService {
         mesh: mesh.clone(),
         streams,
+        ca_validity,
     };
     let mut stop = shutdown_rx.clone();
     let limits = Limits {

@@ -290,6 +290,9 @@ impl Session {
                 tracing::debug!(node_id = node, "repeated Hello ignored");
             }
             Some(sidecar_message::Kind::EventsReply(reply)) => self.streams.answer(reply),
+            Some(sidecar_message::Kind::Certificate(certificate)) => {
+                self.mesh.set_certificate(node, self.session, certificate);
+            }
             None => {}
         }
         false

@@ -33,8 +33,26 @@ pub enum StoreError {
         path: String,
         source: redb::DatabaseError,
     },
+    #[error("cannot make the store {path} private (0600): {source}")]
+    Private {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Redb(#[from] redb::Error),
+}
+
+/// Creates `path` empty with mode 0600 if it is missing (redb initialises an empty file),
+/// else sets an existing file's mode to 0600.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
 macro_rules! from_redb {
@@ -72,8 +90,13 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store file and its tables.
+    /// Opens (or creates) the store file and its tables. The file holds the CA's key, so it
+    /// is made readable by its owner only (0600), whether new or left by an older version.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        private_file(path).map_err(|source| StoreError::Private {
+            path: path.display().to_string(),
+            source,
+        })?;
         let db = Database::create(path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,

@@ -11,14 +11,41 @@ use std::path::Path;
 /// Reads the token in `explicit` or, without one, reads or creates `default_path`.
 pub fn load_or_create(explicit: Option<&Path>, default_path: &Path) -> anyhow::Result<String> {
     if let Some(path) = explicit {
+        warn_if_readable_by_others(path);
         return read(path);
     }
     if default_path.exists() {
+        // Ours: narrowed to 0600 in case an older version or a hand left it wider.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(default_path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| {
+                    format!("cannot make {} private (0600)", default_path.display())
+                })?;
+        }
         return read(default_path);
     }
     let token = random_hex(32)?;
     write_private(default_path, &format!("{token}\n"))?;
     Ok(token)
+}
+
+/// A token file given by the operator is theirs to change; say so when others can read it.
+fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "token file {} is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
+    }
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {

@@ -34,8 +34,14 @@ pub async fn handle<B>(
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
             let version = shared.snapshot.load().version;
+            // Issued, and not expired: an expired one is refused by every peer.
             let identity = shared.identity_ready.load(Ordering::Relaxed);
-            match (version > 0, identity, shared.is_shutting_down()) {
+            let expired = shared
+                .certificate
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.validity.is_expired(crate::renewal::unix_ms()));
+            match (version > 0, identity && !expired, shared.is_shutting_down()) {
                 (_, _, true) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
                 (true, true, false) => text(StatusCode::OK, "ready\n"),
                 (has_config, _, _) => text(
@@ -43,7 +49,11 @@ pub async fn handle<B>(
                     &format!(
                         "not ready: configuration {}, certificate {}\n",
                         if has_config { "applied" } else { "missing" },
-                        if identity { "issued" } else { "missing" }
+                        match (identity, expired) {
+                            (_, true) => "expired (renewal is failing)",
+                            (true, false) => "issued",
+                            (false, _) => "missing",
+                        }
                     ),
                 ),
             }

@@ -12,7 +12,9 @@ use anyhow::{Context, anyhow};
 use sinew_proto::v1::control_message::Kind as ControlKind;
 use sinew_proto::v1::sidecar_api_client::SidecarApiClient;
 use sinew_proto::v1::sidecar_message::Kind;
-use sinew_proto::v1::{Ack, EventsReply, Health, Hello, Nack, SidecarMessage, Update};
+use sinew_proto::v1::{
+    Ack, CertificateStatus, EventsReply, Health, Hello, Nack, SidecarMessage, Update,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -81,6 +83,12 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
         events_store: me.events_store.clone(),
     };
     send(&tx, Kind::Hello(hello)).await?;
+    // Then the certificate, and each renewed one, for `sinewctl status` and `check`.
+    let mut certificate = shared.certificate.subscribe();
+    let status = certificate_status(&certificate.borrow_and_update());
+    if let Some(status) = status {
+        send(&tx, Kind::Certificate(status)).await?;
+    }
     let outgoing = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|message| (message, rx))
     });
@@ -120,6 +128,15 @@ async fn session(shared: &Shared, addr: &str, me: &Registration) -> anyhow::Resu
     loop {
         let message = tokio::select! {
             m = updates.message() => m.map_err(|s| anyhow!("{}: {}", s.code(), s.message()))?,
+            changed = certificate.changed() => {
+                if changed.is_ok() {
+                    let status = certificate_status(&certificate.borrow_and_update());
+                    if let Some(status) = status {
+                        send(&tx, Kind::Certificate(status)).await?;
+                    }
+                }
+                continue;
+            }
             changed = health.changed() => {
                 if changed.is_ok() {
                     let serving = *health.borrow_and_update();
@@ -211,4 +228,14 @@ async fn send(tx: &mpsc::Sender<SidecarMessage>, kind: Kind) -> anyhow::Result<(
     tx.send(SidecarMessage { kind: Some(kind) })
         .await
         .map_err(|_| anyhow!("the control stream closed"))
+}
+
+fn certificate_status(
+    info: &Option<crate::identity::CertificateInfo>,
+) -> Option<CertificateStatus> {
+    info.as_ref().map(|c| CertificateStatus {
+        not_before_unix: c.validity.not_before_unix,
+        not_after_unix: c.validity.not_after_unix,
+        serial: c.serial.clone(),
+    })
 }

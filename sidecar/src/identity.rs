@@ -1,10 +1,13 @@
 //! This sidecar's certificate. The control plane is the mesh CA: the sidecar proves itself
 //! with the join token, sends a CSR, and receives a certificate for
 //! `spiffe://<trust-domain>/svc/<service>`. The certificate, its key and the CA are cached in
-//! the data dir (mode 0600) so a restart works without the control plane until it expires.
+//! the data dir (mode 0600, in a 0700 dir) so a restart serves without the control plane
+//! while the cached certificate is valid; `crate::renewal` renews it before it expires (at
+//! once, when the cache has less than 30% of its life left).
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::renewal::Validity;
 use crate::transport::tls::MeshIdentity;
 use anyhow::{Context, anyhow};
 use rustls_pki_types::pem::PemObject;
@@ -13,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sinew_proto::v1::CertificateRequest;
 use sinew_proto::v1::sidecar_api_client::SidecarApiClient;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Issued {
@@ -25,46 +28,82 @@ struct Issued {
     not_after_unix: i64,
 }
 
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+/// What others may know of the certificate presented now: for `/ready`, the metrics and the
+/// control plane's `sinewctl status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub validity: Validity,
+    /// Hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+}
+
+/// A certificate with its key, and what it says about itself.
+#[derive(Debug)]
+pub struct Held {
+    pub identity: MeshIdentity,
+    pub info: CertificateInfo,
 }
 
 fn cache_path(config: &Config) -> PathBuf {
     config.data_dir.join("identity.json")
 }
 
-/// A cached certificate if one is valid for at least another minute, else one from the
-/// control plane (retrying every configured address with backoff until one answers).
-pub async fn obtain(config: &Config) -> anyhow::Result<MeshIdentity> {
+/// The cached certificate if it has not expired, else one from the control plane (retrying
+/// every configured address with backoff until one answers).
+pub async fn obtain(config: &Config) -> anyhow::Result<Held> {
     let path = cache_path(config);
-    match load(&path) {
-        Ok(Some(issued))
-            if issued.service == config.service && issued.not_after_unix > now_unix() + 60 =>
-        {
-            tracing::info!(id = %issued.spiffe_id, "using the cached certificate");
-            return issued.to_identity();
+    let now_ms = crate::renewal::unix_ms();
+    let cached = load(&path).and_then(|cached| match cached {
+        Some(issued) if issued.service == config.service => issued.to_held().map(Some),
+        _ => Ok(None),
+    });
+    match cached {
+        Ok(Some(held)) if !held.info.validity.is_expired(now_ms) => {
+            tracing::info!(
+                id = %held.identity.spiffe_id,
+                not_after = held.info.validity.not_after_unix,
+                "using the cached certificate"
+            );
+            return Ok(held);
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("ignoring the cached certificate: {e:#}"),
     }
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     loop {
-        for addr in &config.control {
-            match request(config, addr).await {
-                Ok(issued) => {
-                    if let Err(e) = save(&path, &issued) {
-                        tracing::warn!("could not cache the certificate: {e:#}");
-                    }
-                    tracing::info!(id = %issued.spiffe_id, "certificate issued");
-                    return issued.to_identity();
-                }
-                Err(e) => tracing::warn!("certificate from {addr}: {e:#}"),
-            }
+        match issue(config).await {
+            Ok(held) => return Ok(held),
+            Err(e) => tracing::warn!("{e:#}"),
         }
         tokio::time::sleep(backoff.next_delay(fastrand::f64())).await;
     }
+}
+
+/// One attempt at a new certificate: asks each control-plane address in turn until one
+/// issues it, caches it, and returns it. The error names every address's failure.
+pub async fn issue(config: &Config) -> anyhow::Result<Held> {
+    let mut failures = Vec::new();
+    for addr in &config.control {
+        match request(config, addr)
+            .await
+            .and_then(|i| Ok((i.to_held()?, i)))
+        {
+            Ok((held, issued)) => {
+                if let Err(e) = save(&cache_path(config), &issued) {
+                    tracing::warn!("could not cache the certificate: {e:#}");
+                }
+                tracing::info!(
+                    id = %issued.spiffe_id,
+                    serial = %held.info.serial,
+                    not_after = held.info.validity.not_after_unix,
+                    "certificate issued"
+                );
+                return Ok(held);
+            }
+            Err(e) => failures.push(format!("{addr}: {e:#}")),
+        }
+    }
+    Err(anyhow!("no certificate: {}", failures.join("; ")))
 }
 
 async fn request(config: &Config, addr: &str) -> anyhow::Result<Issued> {
@@ -104,22 +143,40 @@ async fn request(config: &Config, addr: &str) -> anyhow::Result<Issued> {
 }
 
 impl Issued {
-    fn to_identity(&self) -> anyhow::Result<MeshIdentity> {
+    fn to_held(&self) -> anyhow::Result<Held> {
         let chain = CertificateDer::pem_slice_iter(self.certificate_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .context("certificate PEM")?;
         let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).context("CA PEM")?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).context("key PEM")?;
-        if chain.is_empty() {
-            return Err(anyhow!("the control plane sent no certificate"));
-        }
-        Ok(MeshIdentity {
-            chain,
-            key,
-            ca,
-            spiffe_id: self.spiffe_id.clone(),
+        let leaf = chain
+            .first()
+            .ok_or_else(|| anyhow!("the control plane sent no certificate"))?;
+        let info = certificate_info(leaf)?;
+        Ok(Held {
+            identity: MeshIdentity {
+                chain,
+                key,
+                ca,
+                spiffe_id: self.spiffe_id.clone(),
+            },
+            info,
         })
     }
+}
+
+/// The validity and serial of a certificate, read from the certificate itself.
+pub fn certificate_info(der: &CertificateDer<'_>) -> anyhow::Result<CertificateInfo> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| anyhow!("the certificate does not parse: {e}"))?;
+    let validity = cert.validity();
+    Ok(CertificateInfo {
+        validity: Validity {
+            not_before_unix: validity.not_before.timestamp(),
+            not_after_unix: validity.not_after.timestamp(),
+        },
+        serial: cert.raw_serial_as_string().replace(':', ""),
+    })
 }
 
 fn load(path: &Path) -> anyhow::Result<Option<Issued>> {
@@ -130,9 +187,10 @@ fn load(path: &Path) -> anyhow::Result<Option<Issued>> {
     }
 }
 
+/// Writes the cache (it holds the private key) readable by its owner only.
 fn save(path: &Path, issued: &Issued) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -140,6 +198,8 @@ fn save(path: &Path, issued: &Issued) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
+    // `mode` applies only to a new file; a leftover temporary keeps its own.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(&serde_json::to_vec(issued)?)?;
     file.sync_all()?;
     std::fs::rename(tmp, path)?;

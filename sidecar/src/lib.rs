@@ -21,6 +21,7 @@ pub mod identity;
 pub mod inbound;
 pub mod local_guard;
 pub mod outbound;
+pub mod renewal;
 pub mod resilience;
 pub mod snapshot;
 pub mod state;
@@ -52,8 +53,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     admin::describe_metrics();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    renewal::describe();
+    private_dir(&config.data_dir)?;
+    warn_if_readable_by_others(&config.join_token_file);
     let node_id = node_id(&config)?;
 
     let outbound_listener = tokio::net::TcpListener::bind(config.outbound)
@@ -109,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         events: std::sync::OnceLock::new(),
         updated: tokio::sync::watch::channel(0).0,
         app_healthy: tokio::sync::watch::channel(true).0,
+        certificate: tokio::sync::watch::channel(None).0,
     });
 
     // The outbound and the admin listener stop last, once the inbound has drained: requests
@@ -132,19 +135,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown_on_signal(shared.clone(), signals));
 
     let mut shutdown_rx = shared.shutdown.subscribe();
-    let identity = tokio::select! {
-        id = identity::obtain(&config) => id?,
+    let held = tokio::select! {
+        held = identity::obtain(&config) => held?,
         _ = state::shutdown_begun(&mut shutdown_rx) => return Ok(()),
     };
+    let ca = held.identity.ca.clone();
+    let current = tls::CurrentCert::new(&held.identity).context("the certificate's key")?;
     endpoint.set_server_config(Some(tls::server_config(
-        &identity,
+        &ca,
+        current.clone(),
         config.inbound_limits.max_streams_per_connection,
     )?));
     let transport = Arc::new(QuicTransport::new(
         endpoint.clone(),
-        tls::client_config(&identity)?,
+        tls::client_config(&ca, current.clone())?,
     ));
+    let validity = held.info.validity;
+    renewal::publish(&shared, held.info);
     shared.identity_ready.store(true, Ordering::Relaxed);
+    tokio::spawn(renewal::run(
+        config.clone(),
+        shared.clone(),
+        current,
+        ca,
+        validity,
+    ));
 
     let inbound = Arc::new(inbound::Inbound::new(
         shared.clone(),
@@ -275,4 +290,29 @@ fn node_id(config: &Config) -> anyhow::Result<String> {
     let id = format!("{}-{:08x}", config.service, fastrand::u32(..));
     std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
+}
+
+/// Creates the data dir readable by its owner only (0700): it holds the certificate's key.
+/// An existing dir is narrowed to 0700 too.
+fn private_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("creating the data dir {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making the data dir {} private (0700)", path.display()))
+}
+
+/// The join token is a secret: say so when its file is readable by group or others (it is
+/// the operator's file, so it is not changed).
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            "the join token file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
 }

@@ -24,6 +24,8 @@ pub struct Shared {
     pub updated: watch::Sender<u64>,
     /// Whether the local app passes its health checks (always true without checks).
     pub app_healthy: watch::Sender<bool>,
+    /// The certificate presented now (`None` until one is in hand); renewal replaces it.
+    pub certificate: watch::Sender<Option<crate::identity::CertificateInfo>>,
 }
 
 impl Shared {

@@ -6,10 +6,18 @@
 //! verifier checks the chain only; the caller then compares the peer's SPIFFE id with the one
 //! the control plane announced for that endpoint ([`spiffe_id`]), and the server reads the
 //! caller's id once per connection.
+//!
+//! The certificate is renewed while the sidecar runs (`crate::renewal`), so neither config
+//! holds it: both resolve it through [`CurrentCert`] at each handshake. A renewal swaps it
+//! there, the next handshake presents the new one, and connections made before keep going
+//! (TLS checks a certificate only during the handshake).
 
+use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::sync::Arc;
@@ -55,18 +63,64 @@ fn transport_config(incoming_streams: u32) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The QUIC client configuration: present our certificate, trust only the mesh CA.
-pub fn client_config(id: &MeshIdentity) -> anyhow::Result<quinn::ClientConfig> {
+/// The certificate and key this sidecar presents, as both QUIC server and client; swapped
+/// in place when the certificate is renewed.
+#[derive(Debug)]
+pub struct CurrentCert(ArcSwap<CertifiedKey>);
+
+impl CurrentCert {
+    pub fn new(id: &MeshIdentity) -> Result<Arc<CurrentCert>, rustls::Error> {
+        Ok(Arc::new(CurrentCert(ArcSwap::from_pointee(certified(id)?))))
+    }
+
+    /// Presents `id` from the next handshake on. Fails (keeping the current one) when the
+    /// key does not match the certificate.
+    pub fn replace(&self, id: &MeshIdentity) -> Result<(), rustls::Error> {
+        self.0.store(Arc::new(certified(id)?));
+        Ok(())
+    }
+
+    /// The end-entity certificate presented now.
+    pub fn end_entity(&self) -> Option<CertificateDer<'static>> {
+        self.0.load().cert.first().cloned()
+    }
+}
+
+fn certified(id: &MeshIdentity) -> Result<CertifiedKey, rustls::Error> {
+    CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider())
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The QUIC client configuration: present the current certificate, trust only the mesh CA.
+pub fn client_config(
+    ca: &CertificateDer<'static>,
+    cert: Arc<CurrentCert>,
+) -> anyhow::Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(MeshServerVerifier {
-        roots: roots(&id.ca)?,
+        roots: roots(ca)?,
         provider: provider.clone(),
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+        .with_client_cert_resolver(cert);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -74,17 +128,21 @@ pub fn client_config(id: &MeshIdentity) -> anyhow::Result<quinn::ClientConfig> {
     Ok(config)
 }
 
-/// The QUIC server configuration: a client certificate of the mesh CA is required; a peer
-/// connection may hold `max_streams` requests at once.
-pub fn server_config(id: &MeshIdentity, max_streams: u32) -> anyhow::Result<quinn::ServerConfig> {
+/// The QUIC server configuration: present the current certificate, require a client
+/// certificate of the mesh CA; a peer connection may hold `max_streams` requests at once.
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    cert: Arc<CurrentCert>,
+    max_streams: u32,
+) -> anyhow::Result<quinn::ServerConfig> {
     let provider = provider();
     let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca)?), provider.clone())
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
             .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

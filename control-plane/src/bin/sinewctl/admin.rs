@@ -22,15 +22,15 @@ pub struct Target {
     pub token_file: PathBuf,
 }
 
-struct Client {
-    inner: AdminApiClient<Channel>,
+pub(crate) struct Client {
+    pub(crate) inner: AdminApiClient<Channel>,
     bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     addr: String,
     token_file: PathBuf,
 }
 
 impl Client {
-    async fn connect(target: &Target) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(target: &Target) -> anyhow::Result<Client> {
         let token = std::fs::read_to_string(&target.token_file).with_context(|| {
             format!(
                 "cannot read the admin token from {} (pass --token-file or set SINEW_ADMIN_TOKEN_FILE; \
@@ -71,7 +71,7 @@ impl Client {
         })
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request
             .metadata_mut()
@@ -80,7 +80,7 @@ impl Client {
     }
 
     /// Turns a failed call into a message that says what to do.
-    fn explain(&self, status: Status) -> anyhow::Error {
+    pub(crate) fn explain(&self, status: Status) -> anyhow::Error {
         let message = status.message();
         match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => anyhow!(
@@ -355,6 +355,12 @@ pub async fn status(target: &Target) -> anyhow::Result<()> {
         return Ok(());
     }
     print!("{}", status_table(&response.sidecars, now_ms()));
+    if let Some(not_after) = response.ca_not_after_unix {
+        println!(
+            "mesh CA expires {}",
+            crate::check::remaining(now_ms() / 1000, not_after)
+        );
+    }
     Ok(())
 }
 
@@ -525,7 +531,8 @@ fn instance_state(instance: &InstanceInfo, now_ms: i64) -> String {
     }
 }
 
-/// SIDECAR, SERVICE, INSTANCE, CONNECTED SINCE, VERSION (applied/sent), STATE, LAST ERROR.
+/// SIDECAR, SERVICE, INSTANCE, CONNECTED SINCE, VERSION (applied/sent), STATE, CERT EXPIRES,
+/// LAST ERROR.
 pub fn status_table(sidecars: &[SidecarStatus], now_ms: i64) -> String {
     let mut table = Table::new([
         "SIDECAR",
@@ -534,6 +541,7 @@ pub fn status_table(sidecars: &[SidecarStatus], now_ms: i64) -> String {
         "CONNECTED SINCE",
         "VERSION",
         "STATE",
+        "CERT EXPIRES",
         "LAST ERROR",
     ]);
     for s in sidecars {
@@ -556,6 +564,9 @@ pub fn status_table(sidecars: &[SidecarStatus], now_ms: i64) -> String {
         } else {
             s.state.as_str()
         };
+        let expires = s.certificate_not_after_unix.map_or("-".to_string(), |t| {
+            crate::check::remaining(now_ms / 1000, t)
+        });
         table.row([
             s.node_id.as_str(),
             s.service.as_str(),
@@ -563,6 +574,7 @@ pub fn status_table(sidecars: &[SidecarStatus], now_ms: i64) -> String {
             since.as_str(),
             version.as_str(),
             state,
+            expires.as_str(),
             error.as_str(),
         ]);
     }
@@ -776,6 +788,7 @@ mod tests {
                 sent_version: 4,
                 applied_version: 4,
                 state: "ACK".into(),
+                certificate_not_after_unix: Some(now / 1000 + 3600),
                 ..Default::default()
             },
             SidecarStatus {
@@ -795,15 +808,15 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "SIDECAR    SERVICE   INSTANCE          CONNECTED SINCE   VERSION   STATE   LAST ERROR"
+            "SIDECAR    SERVICE   INSTANCE          CONNECTED SINCE   VERSION   STATE   CERT EXPIRES   LAST ERROR"
         );
         assert_eq!(
             lines[1],
-            "web-1      web       127.0.0.1:40001   2m13s ago         4/4       ACK     -"
+            "web-1      web       127.0.0.1:40001   2m13s ago         4/4       ACK     in 1h0m        -"
         );
         assert_eq!(
             lines[2],
-            "orders-1   orders    127.0.0.1:40002   disconnected      3/4       NACK    v4: spec.timeout: unknown…"
+            "orders-1   orders    127.0.0.1:40002   disconnected      3/4       NACK    -              v4: spec.timeout: unknown…"
         );
     }
 

@@ -1,7 +1,7 @@
 //! `sinewctl`: the mesh's command line.
 //!
-//! - `apply`, `diff`, `get`, `delete`, `status`, `events` talk to the control plane's admin API
-//!   (gRPC, bearer token) — see [`admin`];
+//! - `apply`, `diff`, `get`, `delete`, `status`, `check`, `events` talk to the control plane's
+//!   admin API (gRPC, bearer token) — see [`admin`];
 //! - `up FILE` starts a whole local mesh (control plane, one sidecar per instance, the apps)
 //!   from one YAML file, and stops all of it on Ctrl-C — see [`up`];
 //! - `run --service NAME -- APP` starts one sidecar beside one app, joining a running mesh —
@@ -13,6 +13,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod admin;
+mod check;
 mod diff;
 mod run;
 mod table;
@@ -78,6 +79,9 @@ enum Command {
     /// The control plane's version and policy source, and every sidecar's connection and
     /// configuration state (like `istioctl proxy-status`).
     Status,
+    /// Exit non-zero, saying why, when a certificate or the CA nears expiry or a sidecar is
+    /// disconnected or NACKing.
+    Check,
     /// Dead letters: list, replay, purge (asks every connected sidecar).
     #[command(subcommand)]
     Events(EventsCommand),
@@ -195,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Up(args) => return up::run(args).await,
         Command::Run(args) => return run::run(args, &target.addr).await,
+        Command::Check => return check::run(&target).await,
     }?;
     Ok(ExitCode::SUCCESS)
 }
