@@ -100,11 +100,18 @@ async fn run_joins_an_app_to_the_mesh_and_ctrl_c_stops_both() {
     let sidecar = next(&lines);
     assert!(sidecar.starts_with("sidecar ledger-run-"), "{sidecar}");
     let outbound: std::net::SocketAddr = field(&sidecar, "outbound").parse().unwrap();
-    let app = next(&lines);
+    // `run` prints its `app` line once the app is started, and the app prints its own line:
+    // either may come first.
+    let (first, second) = (next(&lines), next(&lines));
+    let (app, env) = if first.starts_with("app ") {
+        (first, second)
+    } else {
+        (second, first)
+    };
     assert!(app.starts_with("app ledger-run-"), "{app}");
     let port = field(&app, "port");
     assert_eq!(
-        next(&lines),
+        env,
         format!(
             "env PORT={port} SINEW_OUTBOUND={outbound} HTTP_PROXY=http://{outbound} SINEW_SERVICE=ledger"
         )
