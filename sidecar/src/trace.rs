@@ -54,16 +54,14 @@ impl TraceParent {
     }
 }
 
-/// Random lower-case hex, `bytes` bytes of it, never all zeros.
-fn random_hex(bytes: usize) -> String {
-    loop {
-        let text: String = (0..bytes)
-            .map(|_| format!("{:02x}", fastrand::u8(..)))
-            .collect();
-        if text.bytes().any(|b| b != b'0') {
-            return text;
-        }
-    }
+/// A random trace id: 32 lower-case hex digits, never all zeros.
+fn new_trace_id() -> String {
+    format!("{:032x}", fastrand::u128(1..))
+}
+
+/// A random span id: 16 lower-case hex digits, never all zeros.
+fn new_span_id() -> String {
+    format!("{:016x}", fastrand::u64(1..))
 }
 
 /// Makes this sidecar a hop of the request's trace (see the module doc) and returns the
@@ -75,14 +73,14 @@ pub fn next_hop(headers: &mut HeaderMap) -> String {
         .and_then(TraceParent::parse);
     let next = match parent {
         Some(parent) => TraceParent {
-            parent_id: random_hex(8),
+            parent_id: new_span_id(),
             ..parent
         },
         None => {
             headers.remove(TRACESTATE);
             TraceParent {
-                trace_id: random_hex(16),
-                parent_id: random_hex(8),
+                trace_id: new_trace_id(),
+                parent_id: new_span_id(),
                 flags: "01".into(),
             }
         }
@@ -136,6 +134,16 @@ mod tests {
             assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad:?}");
             assert_eq!(after.flags, "01");
             assert!(headers.get(TRACESTATE).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn new_ids_have_their_length_and_parse() {
+        for _ in 0..100 {
+            let (trace, span) = (new_trace_id(), new_span_id());
+            assert_eq!((trace.len(), span.len()), (32, 16));
+            let header = format!("00-{trace}-{span}-01");
+            assert!(TraceParent::parse(&header).is_some(), "{header}");
         }
     }
 

@@ -8,19 +8,30 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Trusts any server: these clients test whether the *server* accepts *them*.
-#[derive(Debug)]
-pub struct AnyServer;
+/// Trusts any server (these clients test whether the *server* accepts *them*), and keeps the
+/// certificate it last presented, for tests that look at what a sidecar serves.
+#[derive(Debug, Default)]
+pub struct AnyServer {
+    presented: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl AnyServer {
+    /// The DER of the last certificate a server presented, taken.
+    pub fn presented(&self) -> Option<Vec<u8>> {
+        self.presented.lock().unwrap().take()
+    }
+}
 
 impl ServerCertVerifier for AnyServer {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.presented.lock().unwrap() = Some(end_entity.to_vec());
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -50,13 +61,21 @@ impl ServerCertVerifier for AnyServer {
 pub fn client_endpoint(
     client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> quinn::Endpoint {
+    client_endpoint_with(Arc::new(AnyServer::default()), client_cert)
+}
+
+/// [`client_endpoint`] with a verifier the caller keeps, to see what the server presented.
+pub fn client_endpoint_with(
+    verifier: Arc<AnyServer>,
+    client_cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> quinn::Endpoint {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()
     .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AnyServer));
+    .with_custom_certificate_verifier(verifier);
     let mut tls = match client_cert {
         Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
         None => builder.with_no_client_auth(),

@@ -4,12 +4,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sinew_e2e::*;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn now_unix() -> i64 {
@@ -19,62 +16,12 @@ fn now_unix() -> i64 {
         .as_secs() as i64
 }
 
-/// Keeps the certificate a server presents, and accepts it: the probe only looks.
-#[derive(Debug, Default)]
-struct Recorder(Mutex<Option<Vec<u8>>>);
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// What a new handshake with the sidecar at `inbound` is offered: (serial, not_after).
 /// The probe has no client certificate, so the sidecar ends the handshake after sending
 /// its own; that is enough to see it.
 async fn served_certificate(inbound: SocketAddr) -> (String, i64) {
-    let recorder = Arc::new(Recorder::default());
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(recorder.clone())
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"sinew/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let recorder = Arc::new(quic::AnyServer::default());
+    let endpoint = quic::client_endpoint_with(recorder.clone(), None);
     let attempt = async {
         let conn = endpoint.connect(inbound, "sinew.mesh").unwrap().await?;
         // Refused or not, it is over once the server has had its say.
@@ -84,10 +31,7 @@ async fn served_certificate(inbound: SocketAddr) -> (String, i64) {
     let _ = tokio::time::timeout(Duration::from_secs(5), attempt).await;
     endpoint.close(0u32.into(), b"");
     let der = recorder
-        .0
-        .lock()
-        .unwrap()
-        .take()
+        .presented()
         .expect("the sidecar presented no certificate");
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     (

@@ -102,13 +102,7 @@ pub fn judge(status: &StatusResponse, now_unix: i64) -> Findings {
 /// `in 9m58s`, `in 2d3h`, or `3s ago` (already past): how far `then` is from `now`.
 pub fn remaining(now_unix: i64, then_unix: i64) -> String {
     let delta = then_unix - now_unix;
-    let s = delta.unsigned_abs();
-    let text = match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
-    };
+    let text = crate::table::span(delta.unsigned_abs());
     if delta < 0 {
         format!("{text} ago")
     } else {

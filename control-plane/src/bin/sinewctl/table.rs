@@ -43,13 +43,17 @@ impl<const N: usize> Table<N> {
 /// `13s ago`, `2m13s ago`, `1h2m ago`, `3d4h ago`: how long before `now_ms` `then_ms` was.
 pub fn ago(now_ms: i64, then_ms: i64) -> String {
     let s = (now_ms.saturating_sub(then_ms) / 1000).max(0);
-    let text = match s {
+    format!("{} ago", span(s.unsigned_abs()))
+}
+
+/// A span of seconds in its two largest units: `13s`, `2m13s`, `1h2m`, `3d4h`.
+pub fn span(s: u64) -> String {
+    match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{}s", s / 60, s % 60),
         3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
         _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
-    };
-    format!("{text} ago")
+    }
 }
 
 #[cfg(test)]
